@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck check bench clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found %s); set PYTHON=python3.11" % sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m examples.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# mypy does not follow setuptools' editable import hook, so it checks the
+# folders through a small tree of symlinks that spells the installed layout.
+typecheck: $(STAMP)
+	@mkdir -p build/typecheck/ppio_sandbox
+	@for p in agent_runtime orchestrator client; do ln -sfn ../../../$$p build/typecheck/ppio_sandbox/$$p; done
+	MYPYPATH=build/typecheck $(BIN)/mypy -p ppio_sandbox.agent_runtime -p ppio_sandbox.orchestrator -p ppio_sandbox.client
+
+check: lint typecheck test
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,482 @@
+"""The runtime's HTTP surface as a lean ASGI application.
+
+No web framework on the hot path: the route is a dict lookup, headers are
+read in one pass, bodies are decoded by module-level msgspec decoders, and
+replies are written with precomputed header bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from .context import RequestContext
+from .errors import (
+    InvocationError,
+    InvocationTimeoutError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PPIOAgentRuntimeError,
+    RequestTooLargeError,
+    UnsupportedMediaTypeError,
+    ValidationError,
+)
+from .protocol import decode_json, decode_msgpack, encode_json, encode_msgpack
+from .sse import encode_event, encode_raw_event
+
+if TYPE_CHECKING:
+    from .app import PPIOAgentRuntimeApp
+
+__all__ = ["RuntimeASGI"]
+
+logger = logging.getLogger("ppio_sandbox.agent_runtime")
+
+_JSON = b"application/json"
+_MSGPACK = b"application/msgpack"
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_CLOSE_TIMEOUT = 5.0  # bound on a cancelled generator's cleanup
+
+# Header names the runtime reads, mapped to a short key.
+_WANTED = {
+    b"content-type": "ct",
+    b"content-length": "cl",
+    b"accept": "accept",
+    b"x-ppio-session-id": "sid",
+    b"x-amzn-bedrock-agentcore-runtime-session-id": "sid2",
+    b"x-ppio-request-id": "rid",
+    b"origin": "origin",
+}
+
+
+class _Reply(Exception):
+    """Internal: answer with an error before the agent runs."""
+
+    def __init__(self, error: PPIOAgentRuntimeError) -> None:
+        self.error = error
+
+
+class RuntimeASGI:
+    """ASGI application serving ``/invocations``, ``/ping`` and ``/``."""
+
+    def __init__(self, app: PPIOAgentRuntimeApp) -> None:
+        self.app = app
+        cfg = app.config
+        self.max_body = cfg.max_request_size
+        self.timeout = cfg.invocation_timeout
+        self.cors_any = "*" in cfg.cors_origins
+        self.cors_origins = {o.encode() for o in cfg.cors_origins}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            method = scope["method"]
+            if path == "/invocations":
+                if method == "POST":
+                    await self._invocations(scope, receive, send)
+                    return
+                allowed = "POST"
+            elif path == "/ping":
+                if method in ("GET", "HEAD"):
+                    await self._ping(scope, send)
+                    return
+                allowed = "GET, HEAD"
+            elif path == "/":
+                if method in ("GET", "HEAD"):
+                    await self._info(scope, send)
+                    return
+                allowed = "GET, HEAD"
+            else:
+                await self._error(scope, send, NotFoundError(f"no route {path}"), None)
+                return
+            if method == "OPTIONS" and self.cors_origins:
+                await self._preflight(scope, send, allowed)
+                return
+            err = MethodNotAllowedError(f"{method} not allowed on {path}; use {allowed}")
+            await self._error(scope, send, err, None, [(b"allow", allowed.encode())])
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    # -- /invocations -------------------------------------------------------
+
+    async def _invocations(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started = time.perf_counter()
+        timestamp = datetime.now(UTC)
+        h: dict[str, bytes] = {}
+        for name, value in scope["headers"]:
+            key = _WANTED.get(name)
+            if key is not None:
+                h[key] = value
+        rid_raw = h.get("rid")
+        request_id = rid_raw.decode("latin-1") if rid_raw else uuid.uuid4().hex
+        try:
+            payload = await self._read_payload(h, receive)
+        except _Reply as reply:
+            await self._error(scope, send, reply.error, request_id, close=True)
+            return
+        sid_raw = h.get("sid") or h.get("sid2")
+        session_id = sid_raw.decode("latin-1") if sid_raw else None
+        if session_id is None:
+            body_sid = payload.get("session_id")
+            session_id = body_sid if isinstance(body_sid, str) and body_sid else None
+        metadata = payload.get("metadata")
+        ctx = RequestContext(
+            session_id=session_id,
+            request_id=request_id,
+            timestamp=timestamp,
+            metadata=metadata if isinstance(metadata, dict) else {},
+            state_store=self.app.states,
+            raw_headers=scope["headers"],
+        )
+        debug_log = logger.isEnabledFor(logging.DEBUG)
+        if debug_log:
+            logger.debug(
+                "invocation started",
+                extra={"request_id": request_id, "session_id": session_id},
+            )
+        app = self.app
+        app._begin()
+        try:
+            deadline = anyio.current_time() + self.timeout if self.timeout else float("inf")
+            result: Any = None
+            failure: PPIOAgentRuntimeError | None = None
+            with anyio.CancelScope(deadline=deadline) as scope_:
+                try:
+                    result = await app.invoke(payload, ctx)
+                except PPIOAgentRuntimeError as exc:
+                    failure = exc
+                except Exception as exc:
+                    failure = self._agent_failure(exc, request_id, session_id)
+            if scope_.cancelled_caught:
+                failure = InvocationTimeoutError(f"invocation exceeded {self.timeout:g} s")
+            if failure is not None:
+                await self._error(scope, send, failure, request_id)
+                return
+            if hasattr(result, "__anext__"):
+                await self._stream(scope, receive, send, result, ctx, started, deadline)
+                return
+            wants_msgpack = _MSGPACK in h.get("accept", b"")
+            envelope = {
+                "result": result,
+                "status": "success",
+                "duration": round(time.perf_counter() - started, 6),
+                "metadata": {"request_id": request_id, "session_id": session_id},
+            }
+            try:
+                body = encode_msgpack(envelope) if wants_msgpack else encode_json(envelope)
+            except Exception as exc:  # e.g. a result msgspec cannot encode
+                err = InvocationError(f"agent result could not be encoded: {exc}")
+                await self._error(scope, send, err, request_id)
+                return
+            headers = [
+                (b"content-type", _MSGPACK if wants_msgpack else _JSON),
+                (b"content-length", b"%d" % len(body)),
+                (b"x-ppio-request-id", request_id.encode("latin-1")),
+            ]
+            if session_id is not None:
+                headers.append((b"x-ppio-session-id", session_id.encode("latin-1")))
+            if self.cors_origins:
+                self._cors(scope, headers)
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            app._end()
+            if debug_log:
+                logger.debug(
+                    "invocation finished in %.1f ms",
+                    (time.perf_counter() - started) * 1000,
+                    extra={"request_id": request_id, "session_id": session_id},
+                )
+
+    async def _read_payload(self, h: dict[str, bytes], receive: Any) -> dict[str, Any]:
+        ctype = h.get("ct", b"").split(b";", 1)[0].strip().lower()
+        if ctype in (b"", _JSON) or (
+            ctype.startswith(b"application/") and ctype.endswith(b"+json")
+        ):
+            decode = decode_json
+        elif ctype in (_MSGPACK, b"application/x-msgpack", b"application/vnd.msgpack"):
+            decode = decode_msgpack
+        else:
+            raise _Reply(
+                UnsupportedMediaTypeError(
+                    f"unsupported Content-Type {ctype.decode('latin-1')!r}; "
+                    "send application/json or application/msgpack"
+                )
+            )
+        declared = h.get("cl")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise _Reply(ValidationError("invalid Content-Length")) from None
+            if size > self.max_body:
+                raise _Reply(self._too_large())
+        body = await self._read_body(receive)
+        if not body:
+            raise _Reply(ValidationError('empty body; send a JSON object such as {"prompt": "hi"}'))
+        try:
+            payload = decode(body)
+        except UnicodeDecodeError:
+            raise _Reply(ValidationError("body is not valid UTF-8")) from None
+        except RecursionError:
+            raise _Reply(ValidationError("body is nested too deeply")) from None
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise _Reply(ValidationError(f"malformed body: {exc}")) from None
+        if isinstance(payload, dict):
+            return payload
+        if isinstance(payload, str):
+            # A bare JSON string is taken as the prompt: `curl -d '"hi"'` works.
+            return {"prompt": payload}
+        raise _Reply(
+            ValidationError(
+                f"body must be a JSON object (or a string, taken as the prompt), "
+                f"not {_json_kind(payload)}"
+            )
+        )
+
+    async def _read_body(self, receive: Any) -> bytes:
+        message = await receive()
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            if len(body) > self.max_body:
+                raise _Reply(self._too_large())
+            return body
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Reply(ValidationError("client disconnected while sending the body"))
+            part = message.get("body", b"")
+            size += len(part)
+            if size > self.max_body:
+                raise _Reply(self._too_large())
+            chunks.append(part)
+        return b"".join(chunks)
+
+    def _too_large(self) -> RequestTooLargeError:
+        return RequestTooLargeError(
+            f"request body exceeds max_request_size ({self.max_body} bytes)"
+        )
+
+    def _agent_failure(
+        self, exc: Exception, request_id: str, session_id: str | None
+    ) -> InvocationError:
+        logger.error(
+            "agent raised %s: %s",
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+            extra={"request_id": request_id, "session_id": session_id},
+        )
+        err = InvocationError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        if self.app.config.debug:
+            err.details["traceback"] = "".join(traceback.format_exception(exc))
+        return err
+
+    # -- streaming ----------------------------------------------------------
+
+    async def _stream(
+        self,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        chunks: AsyncIterator[Any],
+        ctx: RequestContext,
+        started: float,
+        deadline: float,
+    ) -> None:
+        headers = [*_SSE_HEADERS, (b"x-ppio-request-id", ctx.request_id.encode("latin-1"))]
+        if ctx.session_id is not None:
+            headers.append((b"x-ppio-session-id", ctx.session_id.encode("latin-1")))
+        if self.cors_origins:
+            self._cors(scope, headers)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        seq = 0
+        failure: PPIOAgentRuntimeError | None = None
+        disconnected = False
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                nonlocal disconnected
+                # The body is fully read: the next message is the disconnect.
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                disconnected = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_disconnect)
+            try:
+                with anyio.CancelScope(deadline=deadline) as budget:
+                    try:
+                        async for chunk in chunks:
+                            seq += 1
+                            event = encode_event(seq, chunk)
+                            await send(
+                                {"type": "http.response.body", "body": event, "more_body": True}
+                            )
+                            # hypercorn does not stop a generator whose client
+                            # has gone: give the watcher a chance to run.
+                            await anyio.lowlevel.checkpoint()
+                    except PPIOAgentRuntimeError as exc:
+                        failure = exc
+                    except Exception as exc:
+                        failure = self._agent_failure(exc, ctx.request_id, ctx.session_id)
+                if budget.cancelled_caught:
+                    failure = InvocationTimeoutError(f"invocation exceeded {self.timeout:g} s")
+            finally:
+                aclose = getattr(chunks, "aclose", None)
+                if aclose is not None:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_TIMEOUT):
+                        await aclose()
+                tg.cancel_scope.cancel()
+        if disconnected:
+            logger.info(
+                "client disconnected after %d chunks; stream cancelled",
+                seq,
+                extra={"request_id": ctx.request_id, "session_id": ctx.session_id},
+            )
+            return
+        seq += 1
+        if failure is not None:
+            tail = encode_raw_event(seq, encode_json(failure.to_envelope(ctx.request_id)), "error")
+        else:
+            done = {
+                "request_id": ctx.request_id,
+                "session_id": ctx.session_id,
+                "chunks": seq - 1,
+                "duration": round(time.perf_counter() - started, 6),
+            }
+            tail = encode_event(seq, done, "done")
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    # -- /ping, / -----------------------------------------------------------
+
+    async def _ping(self, scope: dict[str, Any], send: Any) -> None:
+        response = await self.app.ping_response()
+        await self._json(scope, send, 200, response.to_dict())
+
+    async def _info(self, scope: dict[str, Any], send: Any) -> None:
+        from . import __version__
+
+        entry = self.app.entrypoint_handler
+        info = {
+            "service": "PPIO Agent Runtime",
+            "version": __version__,
+            "entrypoint": entry.name if entry else None,
+            "streaming": entry.is_streaming if entry else None,
+            "endpoints": {"invoke": "POST /invocations", "health": "GET /ping"},
+        }
+        await self._json(scope, send, 200, info)
+
+    # -- plumbing -----------------------------------------------------------
+
+    async def _json(
+        self,
+        scope: dict[str, Any],
+        send: Any,
+        status: int,
+        value: Any,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        body = encode_json(value)
+        headers = [(b"content-type", _JSON), (b"content-length", b"%d" % len(body))]
+        if extra_headers:
+            headers.extend(extra_headers)
+        if self.cors_origins:
+            self._cors(scope, headers)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        body_out = b"" if scope["method"] == "HEAD" else body
+        await send({"type": "http.response.body", "body": body_out})
+
+    async def _error(
+        self,
+        scope: dict[str, Any],
+        send: Any,
+        error: PPIOAgentRuntimeError,
+        request_id: str | None,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+        close: bool = False,
+    ) -> None:
+        headers = list(extra_headers or [])
+        if request_id:
+            headers.append((b"x-ppio-request-id", request_id.encode("latin-1")))
+        if close:
+            # The body may be partly unread: do not reuse the connection.
+            headers.append((b"connection", b"close"))
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            headers.append((b"retry-after", b"%d" % max(1, round(retry_after))))
+        if error.status_code >= 500:
+            logger.warning(
+                "%s: %s", error.error_type, error.message, extra={"request_id": request_id}
+            )
+        await self._json(scope, send, error.status_code, error.to_envelope(request_id), headers)
+
+    def _cors(self, scope: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
+        origin = next((v for k, v in scope["headers"] if k == b"origin"), None)
+        if origin is None:
+            return
+        if self.cors_any:
+            headers.append((b"access-control-allow-origin", b"*"))
+        elif origin in self.cors_origins:
+            headers.append((b"access-control-allow-origin", origin))
+            headers.append((b"vary", b"Origin"))
+        headers.append((b"access-control-expose-headers", b"x-ppio-request-id, x-ppio-session-id"))
+
+    async def _preflight(self, scope: dict[str, Any], send: Any, allowed: str) -> None:
+        headers = [
+            (b"access-control-allow-methods", (allowed + ", OPTIONS").encode()),
+            (
+                b"access-control-allow-headers",
+                b"content-type, authorization, x-ppio-session-id, x-ppio-request-id, "
+                b"x-amzn-bedrock-agentcore-runtime-session-id, idempotency-key",
+            ),
+            (b"access-control-max-age", b"600"),
+            (b"content-length", b"0"),
+        ]
+        self._cors(scope, headers)
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if self.app.entrypoint_handler is None:
+                    await send(
+                        {
+                            "type": "lifespan.startup.failed",
+                            "message": "no entrypoint registered: use @app.entrypoint",
+                        }
+                    )
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return type(value).__name__

@@ -1,0 +1,194 @@
+"""The wire protocol, defined once and used by the runtime, orchestrator and client.
+
+Messages are msgspec Structs; encoders and decoders are module-level
+singletons (never built per request). Header names are lower-case bytes for
+ASGI and ``str`` for httpx.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "CONTENT_JSON",
+    "CONTENT_MSGPACK",
+    "CONTENT_SSE",
+    "HEADER_AGENTCORE_SESSION_ID",
+    "HEADER_IDEMPOTENCY_KEY",
+    "HEADER_LAST_EVENT_ID",
+    "HEADER_REQUEST_ID",
+    "HEADER_SESSION_ID",
+    "InvocationRequest",
+    "InvocationResponse",
+    "PingResponse",
+    "PingStatus",
+    "decode_json",
+    "decode_msgpack",
+    "encode_json",
+    "encode_msgpack",
+]
+
+CONTENT_JSON = "application/json"
+CONTENT_MSGPACK = "application/msgpack"
+CONTENT_SSE = "text/event-stream"
+
+HEADER_SESSION_ID = "X-PPIO-Session-Id"
+HEADER_AGENTCORE_SESSION_ID = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"
+HEADER_REQUEST_ID = "X-PPIO-Request-Id"
+HEADER_IDEMPOTENCY_KEY = "Idempotency-Key"
+HEADER_LAST_EVENT_ID = "Last-Event-ID"
+
+
+def _enc_hook(obj: Any) -> Any:
+    """Encode what msgspec does not know natively, as an agent would expect."""
+    for attr in ("model_dump", "to_dict", "dict"):  # pydantic v2, common, pydantic v1
+        method = getattr(obj, attr, None)
+        if callable(method):
+            return method()
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    return str(obj)
+
+
+_json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+_json_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
+_msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_msgpack_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
+
+encode_json = _json_encoder.encode
+decode_json = _json_decoder.decode
+encode_msgpack = _msgpack_encoder.encode
+decode_msgpack = _msgpack_decoder.decode
+
+
+class PingStatus(enum.StrEnum):
+    """Health of a runtime, as AgentCore reports it."""
+
+    HEALTHY = "Healthy"
+    HEALTHY_BUSY = "HealthyBusy"
+
+    @classmethod
+    def parse(cls, value: Any) -> PingStatus:
+        """Accept ``"Healthy"``, ``"healthy"``, ``"healthy_busy"``, ``"HealthyBusy"``..."""
+        if isinstance(value, PingStatus):
+            return value
+        key = str(value).replace("_", "").replace("-", "").replace(" ", "").lower()
+        if key == "healthybusy" or key == "busy":
+            return cls.HEALTHY_BUSY
+        if key in ("healthy", "ok", "up"):
+            return cls.HEALTHY
+        raise ValueError(f"unknown ping status {value!r}")
+
+
+class PingResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Body of ``GET /ping``; ``extra`` holds the custom handler's other fields."""
+
+    status: PingStatus = PingStatus.HEALTHY
+    time_of_last_update: int = 0
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.extra)
+        out["status"] = self.status.value
+        out["time_of_last_update"] = self.time_of_last_update
+        return out
+
+
+_REQUEST_FIELDS = ("prompt", "data", "metadata", "session_id", "stream")
+
+
+class InvocationRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An invocation as middleware and the client see it.
+
+    The agent's entrypoint receives the plain dict (``to_dict()``); fields this
+    Struct does not name are kept in ``extra`` and come back in ``to_dict()``,
+    so nothing the caller sent is lost.
+
+    >>> req = InvocationRequest.from_dict({"prompt": "hi", "query": "q"})
+    >>> req.prompt, req.extra, req.to_dict()["query"]
+    ('hi', {'query': 'q'}, 'q')
+    """
+
+    prompt: str | None = None
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    session_id: str | None = None
+    stream: bool = False
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> InvocationRequest:
+        """Build from a decoded body, keeping unknown fields in ``extra``.
+
+        Known fields of the wrong type are kept in ``extra`` too, rather than
+        rejected: the body belongs to the agent, which may use ``data`` or
+        ``metadata`` differently.
+        """
+        known: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in payload.items():
+            if key in _REQUEST_FIELDS and _fits(key, value):
+                known[key] = value
+            else:
+                extra[key] = value
+        return cls(**known, extra=extra)
+
+    def to_dict(self, like: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The plain dict an entrypoint receives.
+
+        Named fields at their default are left out, unless ``like`` (the
+        body this request was built from) had them: then they stay, so a
+        body that went through middleware reaches the agent with every field.
+        """
+        out = dict(self.extra)
+        for name in _REQUEST_FIELDS:
+            value = getattr(self, name)
+            if (like is not None and name in like and name not in out) or value not in (
+                None,
+                {},
+                False,
+            ):
+                out[name] = value
+        return out
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style access over named and extra fields."""
+        return self.to_dict().get(key, default)
+
+
+def _fits(key: str, value: Any) -> bool:
+    if key in ("data", "metadata"):
+        return isinstance(value, dict)
+    if key == "stream":
+        return isinstance(value, bool)
+    return value is None or isinstance(value, str)
+
+
+class InvocationResponse(msgspec.Struct, kw_only=True):
+    """The non-streaming reply envelope of ``POST /invocations``."""
+
+    result: Any = None
+    status: str = "success"
+    duration: float = 0.0
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def request_id(self) -> str | None:
+        value = self.metadata.get("request_id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def session_id(self) -> str | None:
+        value = self.metadata.get("session_id")
+        return value if isinstance(value, str) else None
+
+
+def epoch_seconds() -> int:
+    return int(time.time())

@@ -1,0 +1,184 @@
+"""Serving a runtime app: hypercorn by default, on asyncio (uvloop when
+installed) or trio; uvicorn on request. This is the only module that knows
+about event-loop backends.
+
+Shutdown: the first SIGTERM or SIGINT stops accepting connections and lets
+in-flight invocations finish for up to ``graceful_timeout`` seconds; a second
+signal stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import sys
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import sniffio
+
+from .config import AgentConfig
+
+if TYPE_CHECKING:
+    from .app import PPIOAgentRuntimeApp
+
+__all__ = ["configure_logging", "hypercorn_config", "serve", "serve_forever"]
+
+logger = logging.getLogger("ppio_sandbox.agent_runtime")
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``time level logger message key=value...`` with request and session ids."""
+
+    _FIELDS = ("request_id", "session_id", "template_id")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        pairs = [
+            f"{name}={value}"
+            for name in self._FIELDS
+            if (value := getattr(record, name, None)) is not None
+        ]
+        return f"{line} {' '.join(pairs)}" if pairs else line
+
+
+def configure_logging(config: AgentConfig) -> None:
+    """Set up logging for a runtime process, unless the host already did."""
+    level = logging.DEBUG if config.debug else getattr(logging, config.log_level.upper(), None)
+    if not isinstance(level, int):
+        raise ValueError(f"unknown log_level {config.log_level!r}")
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    logging.getLogger("ppio_sandbox").setLevel(level)
+
+
+def _prepare_unix_socket(bind: str) -> None:
+    path = bind.removeprefix("unix:")
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # a stale socket left by a killed process
+    except FileNotFoundError:
+        pass
+
+
+def hypercorn_config(config: AgentConfig) -> Any:
+    from hypercorn.config import Config
+
+    bind = config.resolve_bind()
+    if bind.startswith("unix:"):
+        _prepare_unix_socket(bind)
+    hc = Config()
+    hc.bind = [bind]
+    hc.graceful_timeout = config.graceful_timeout
+    hc.keep_alive_timeout = config.keep_alive_timeout
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("ppio_sandbox.agent_runtime.server")
+    return hc
+
+
+async def serve(
+    app: PPIOAgentRuntimeApp,
+    *,
+    shutdown: anyio.Event | None = None,
+    install_signal_handlers: bool = True,
+) -> None:
+    """Serve ``app`` with hypercorn on the running anyio backend.
+
+    Stops gracefully when ``shutdown`` is set or, with signal handlers, on
+    SIGTERM/SIGINT.
+    """
+    config = app.config
+    hc = hypercorn_config(config)
+    shutdown = shutdown or anyio.Event()
+
+    if sniffio.current_async_library() == "trio":
+        from hypercorn.trio import serve as hypercorn_serve
+    else:
+        from hypercorn.asyncio import serve as hypercorn_serve  # type: ignore[assignment]
+
+    async with anyio.create_task_group() as tg:
+
+        async def run_server() -> None:
+            # In a child task: hypercorn's asyncio TaskGroup cancels its
+            # parent task on shutdown, which must not be the task owning `tg`.
+            await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+            tg.cancel_scope.cancel()
+
+        logger.info("agent runtime listening on %s", hc.bind[0])
+        tg.start_soon(run_server)
+        if install_signal_handlers:
+            await _drain_on_signals(shutdown, tg.cancel_scope, config.graceful_timeout)
+    bind = hc.bind[0]
+    if bind.startswith("unix:"):
+        _prepare_unix_socket(bind)
+    logger.info("agent runtime stopped")
+
+
+async def _drain_on_signals(shutdown: anyio.Event, scope: anyio.CancelScope, grace: float) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if not shutdown.is_set():
+                logger.info(
+                    "%s received: draining in-flight invocations (up to %.0f s)",
+                    signal.Signals(signum).name,
+                    grace,
+                )
+                shutdown.set()
+            else:
+                logger.warning("second signal: stopping now")
+                scope.cancel()
+
+
+def serve_forever(app: PPIOAgentRuntimeApp) -> None:
+    """Block serving ``app`` on the backend and server its config names."""
+    config = app.config
+    configure_logging(config)
+    if app.entrypoint_handler is None:
+        raise RuntimeError("no entrypoint registered: decorate your agent with @app.entrypoint")
+    if config.server == "uvicorn":
+        _serve_uvicorn(app)
+        return
+    if config.backend == "trio":
+        anyio.run(serve, app, backend="trio")
+        return
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        options: dict[str, Any] = {}
+    else:
+        options = {"use_uvloop": True}
+    anyio.run(serve, app, backend="asyncio", backend_options=options)
+
+
+def _serve_uvicorn(app: PPIOAgentRuntimeApp) -> None:
+    try:
+        import uvicorn
+    except ImportError:
+        raise RuntimeError(
+            "server='uvicorn' needs uvicorn: pip install 'uvicorn[standard]'"
+        ) from None
+    config = app.config
+    if config.backend != "asyncio":
+        raise RuntimeError("uvicorn runs on asyncio only; use server='hypercorn' for trio")
+    bind = config.resolve_bind()
+    where: dict[str, Any]
+    if bind.startswith("unix:"):
+        _prepare_unix_socket(bind)
+        where = {"uds": bind.removeprefix("unix:")}
+    else:
+        host, _, port = bind.rpartition(":")
+        where = {"host": host.strip("[]"), "port": int(port)}
+    uvicorn.run(
+        app,
+        **where,
+        lifespan="on",
+        access_log=False,
+        log_level=config.log_level.lower(),
+        timeout_graceful_shutdown=int(config.graceful_timeout),
+        timeout_keep_alive=int(config.keep_alive_timeout),
+    )

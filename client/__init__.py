@@ -1,0 +1,1 @@
+"""ppio_sandbox.client (a later issue builds it)."""

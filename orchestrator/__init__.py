@@ -1,0 +1,1 @@
+"""ppio_sandbox.orchestrator (a later issue builds it)."""
