@@ -11,7 +11,7 @@ import logging
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -202,6 +202,7 @@ class RuntimeASGI:
                 )
 
     async def _read_payload(self, h: dict[str, bytes], receive: Any) -> dict[str, Any]:
+        decode: Callable[[bytes], Any]
         ctype = h.get("ct", b"").split(b";", 1)[0].strip().lower()
         if ctype in (b"", _JSON) or (
             ctype.startswith(b"application/") and ctype.endswith(b"+json")

@@ -41,7 +41,8 @@ def _positional_arity(func: Callable[..., Any]) -> int:
 def _unwrap(func: Callable[..., Any]) -> Callable[..., Any]:
     while isinstance(func, functools.partial):
         func = func.func
-    return inspect.unwrap(func)
+    unwrapped: Callable[..., Any] = inspect.unwrap(func)
+    return unwrapped
 
 
 async def iterate_in_thread(gen: Iterator[Any]) -> AsyncIterator[Any]:

@@ -8,6 +8,8 @@ from typing import Literal
 
 __all__ = ["BIND_ENV", "AgentConfig"]
 
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 BIND_ENV = "PPIO_AGENT_BIND"
 """Environment variable that overrides where the runtime listens:
 ``unix:/path/to.sock`` or ``host:port``. An orchestrator sets it to start any
@@ -33,7 +35,8 @@ class AgentConfig:
     max_request_size: int = 1024 * 1024
     cors_origins: list[str] = field(default_factory=list)
     debug: bool = False
-    log_level: str = "INFO"
+    log_level: str | None = None
+    """Logging level; unset means INFO, or DEBUG when ``debug`` is on."""
     backend: Literal["asyncio", "trio"] = "asyncio"
     server: Literal["hypercorn", "uvicorn"] = "hypercorn"
     graceful_timeout: float = 30.0
@@ -51,6 +54,10 @@ class AgentConfig:
             raise ValueError(f"backend must be 'asyncio' or 'trio', not {self.backend!r}")
         if self.server not in ("hypercorn", "uvicorn"):
             raise ValueError(f"server must be 'hypercorn' or 'uvicorn', not {self.server!r}")
+        if self.log_level is not None and self.log_level.upper() not in _LEVELS:
+            raise ValueError(
+                f"log_level must be one of {', '.join(_LEVELS)}, not {self.log_level!r}"
+            )
         if self.max_session_states < 1:
             raise ValueError("max_session_states must be >= 1")
 

@@ -46,7 +46,8 @@ class KeyValueFormatter(logging.Formatter):
 
 def configure_logging(config: AgentConfig) -> None:
     """Set up logging for a runtime process, unless the host already did."""
-    level = logging.DEBUG if config.debug else getattr(logging, config.log_level.upper(), None)
+    name = config.log_level or ("DEBUG" if config.debug else "INFO")
+    level = getattr(logging, name.upper(), None)
     if not isinstance(level, int):
         raise ValueError(f"unknown log_level {config.log_level!r}")
     root = logging.getLogger()
@@ -106,7 +107,7 @@ async def serve(
         async def run_server() -> None:
             # In a child task: hypercorn's asyncio TaskGroup cancels its
             # parent task on shutdown, which must not be the task owning `tg`.
-            await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+            await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait)
             tg.cancel_scope.cancel()
 
         logger.info("agent runtime listening on %s", hc.bind[0])
@@ -178,7 +179,7 @@ def _serve_uvicorn(app: PPIOAgentRuntimeApp) -> None:
         **where,
         lifespan="on",
         access_log=False,
-        log_level=config.log_level.lower(),
+        log_level=(config.log_level or "info").lower(),
         timeout_graceful_shutdown=int(config.graceful_timeout),
         timeout_keep_alive=int(config.keep_alive_timeout),
     )

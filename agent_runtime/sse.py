@@ -54,7 +54,8 @@ class SSEEvent:
 
 def iter_events(lines: Iterator[str]) -> Iterator[SSEEvent]:
     """Parse an SSE stream given line by line (without line endings)."""
-    event, data, ident = "message", [], None
+    event, ident = "message", None
+    data: list[str] = []
     for line in lines:
         if not line:
             if data:
