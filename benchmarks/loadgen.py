@@ -1,0 +1,307 @@
+"""A small HTTP/1.1 keep-alive load generator, run in its own process.
+
+``N`` connections each send the same pre-built request in a closed loop, read
+the response head and its ``content-length`` body, and record the latency.
+After a warm-up period, requests completed in the measured window are
+counted; the result is printed as one JSON object on stdout::
+
+    python -m benchmarks.loadgen --port 8000 --connections 64 --warmup 2 --duration 5
+
+It also reports its own CPU use over the measured window (and the server's,
+given ``--server-pid`` on Linux): a load generator near 100 % of one core is
+the bottleneck and its figures are a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Options", "command", "main", "percentile", "run"]
+
+SATURATED_CPU = 85.0
+"""Load generator CPU % (of one core) above which it is taken as the bottleneck."""
+
+
+@dataclass
+class Options:
+    """What to send, where, and for how long."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    path: str = "/invocations"
+    body: bytes = b'{"query":"hello"}'
+    connections: int = 64
+    warmup: float = 2.0
+    duration: float = 5.0
+    server_pid: int | None = None
+    io_timeout: float = 10.0
+
+
+@dataclass
+class _State:
+    start_ns: int
+    end_ns: int
+    stop: bool = False
+    latencies: list[int] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    connects: int = 0
+
+
+def build_request(opts: Options, index: int) -> bytes:
+    """The request connection ``index`` sends: its own session id, keep-alive."""
+    head = (
+        f"POST {opts.path} HTTP/1.1\r\n"
+        f"Host: {opts.host}:{opts.port}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(opts.body)}\r\n"
+        f"X-PPIO-Session-Id: bench-{index}\r\n"
+        "\r\n"
+    )
+    return head.encode("latin-1") + opts.body
+
+
+async def _connection(opts: Options, state: _State, index: int) -> None:
+    """One closed-loop client; reconnects after any error until told to stop."""
+    request = build_request(opts, index)
+    clock = time.perf_counter_ns
+    latencies = state.latencies
+    while not state.stop:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(opts.host, opts.port), opts.io_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            _error(state, f"connect: {type(exc).__name__}")
+            await asyncio.sleep(0.05)  # back off; the server may be overloaded
+            continue
+        state.connects += 1
+        try:
+            while not state.stop:
+                started = clock()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                lower = head.lower()
+                at = lower.find(b"\r\ncontent-length:")
+                if at < 0:
+                    _error(state, "no content-length")
+                    break
+                size = int(lower[at + 17 : lower.index(b"\r\n", at + 17)])
+                if size:
+                    await reader.readexactly(size)
+                done = clock()
+                if head[9:12] != b"200":
+                    _error(state, f"status {head[9:12].decode('latin-1')}")
+                elif state.start_ns <= done < state.end_ns:
+                    latencies.append(done - started)
+                if b"\r\nconnection: close" in lower:
+                    break
+        except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
+            if not state.stop:
+                _error(state, type(exc).__name__)
+        finally:
+            writer.close()
+
+
+def _error(state: _State, kind: str) -> None:
+    now = time.perf_counter_ns()
+    if state.start_ns <= now < state.end_ns:
+        state.errors[kind] += 1
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of another process (Linux ``/proc``), or ``None``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def system_cpu_busy() -> dict[str, tuple[int, int]] | None:
+    """Busy and total ticks of each CPU since boot (Linux ``/proc/stat``), or ``None``."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    ticks: dict[str, tuple[int, int]] = {}
+    for line in lines:
+        if line.startswith(b"cpu") and line[3:4].isdigit():
+            name, *values = line.split()
+            numbers = [int(v) for v in values[:8]]
+            idle = numbers[3] + numbers[4]  # idle + iowait
+            ticks[name[3:].decode()] = (sum(numbers) - idle, sum(numbers))
+    return ticks
+
+
+def _busy_percent(
+    before: dict[str, tuple[int, int]] | None, after: dict[str, tuple[int, int]] | None
+) -> dict[str, float] | None:
+    if before is None or after is None:
+        return None
+    busy: dict[str, float] = {}
+    for cpu, (b1, t1) in after.items():
+        b0, t0 = before.get(cpu, (b1, t1))
+        busy[cpu] = round(100.0 * (b1 - b0) / (t1 - t0), 1) if t1 > t0 else 0.0
+    return busy
+
+
+def percentile(ordered: list[int], q: float) -> int:
+    """Nearest-rank percentile of an ascending list (0 when empty)."""
+    if not ordered:
+        return 0
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+async def run(opts: Options) -> dict[str, Any]:
+    """Drive the server for ``warmup + duration`` seconds; return the result."""
+    now = time.perf_counter_ns()
+    start_ns = now + int(opts.warmup * 1e9)
+    state = _State(start_ns=start_ns, end_ns=start_ns + int(opts.duration * 1e9))
+    tasks = [asyncio.create_task(_connection(opts, state, i)) for i in range(opts.connections)]
+    try:
+        await asyncio.sleep(opts.warmup)
+        system0 = system_cpu_busy()
+        cpu0, server0, wall0 = _cpu_seconds(), _server_cpu(opts), time.perf_counter()
+        await asyncio.sleep(max(0.0, (state.end_ns - time.perf_counter_ns()) / 1e9))
+        cpu1, server1, wall1 = _cpu_seconds(), _server_cpu(opts), time.perf_counter()
+        system1 = system_cpu_busy()
+        state.stop = True
+        _, pending = await asyncio.wait(tasks, timeout=opts.io_timeout)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    window = wall1 - wall0
+    ordered = sorted(state.latencies)
+    cpu = 100.0 * (cpu1 - cpu0) / window
+    server_cpu = (
+        None if server0 is None or server1 is None else 100.0 * (server1 - server0) / window
+    )
+    busy = _busy_percent(system0, system1)
+    other = None
+    if busy is not None and server_cpu is not None:
+        # CPU used by anything but this process and the server: noise.
+        other = max(0.0, sum(busy.values()) - cpu - server_cpu)
+    ms = 1e-6
+    return {
+        "requests": len(ordered),
+        "errors": sum(state.errors.values()),
+        "error_kinds": dict(state.errors),
+        "duration": round(opts.duration, 3),
+        "rps": round(len(ordered) / opts.duration, 1),
+        "p50": round(percentile(ordered, 0.50) * ms, 3),
+        "p90": round(percentile(ordered, 0.90) * ms, 3),
+        "p99": round(percentile(ordered, 0.99) * ms, 3),
+        "max": round(percentile(ordered, 1.0) * ms, 3),
+        "mean": round(sum(ordered) / len(ordered) * ms, 3) if ordered else 0.0,
+        "connections": opts.connections,
+        "connects": state.connects,
+        "stuck_connections": len(pending),
+        "warmup": opts.warmup,
+        "loadgen_cpu_percent": round(cpu, 1),
+        "server_cpu_percent": None if server_cpu is None else round(server_cpu, 1),
+        "loadgen_saturated": cpu >= SATURATED_CPU,
+        "cpu_busy_percent": busy,
+        "other_cpu_percent": None if other is None else round(other, 1),
+        "loadgen_cpus": _affinity(),
+        "event_loop": _loop_name(),
+    }
+
+
+def _affinity() -> list[int] | None:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def _server_cpu(opts: Options) -> float | None:
+    return None if opts.server_pid is None else process_cpu_seconds(opts.server_pid)
+
+
+def _loop_name() -> str:
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+def command(opts: Options) -> list[str]:
+    """The command line that runs ``opts`` in a fresh process (harness side)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.loadgen",
+        "--host",
+        opts.host,
+        "--port",
+        str(opts.port),
+        "--path",
+        opts.path,
+        "--body",
+        opts.body.decode(),
+        "--connections",
+        str(opts.connections),
+        "--warmup",
+        str(opts.warmup),
+        "--duration",
+        str(opts.duration),
+    ]
+    if opts.server_pid is not None:
+        argv += ["--server-pid", str(opts.server_pid)]
+    return argv
+
+
+def _parse(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loadgen", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--path", default="/invocations")
+    p.add_argument("--body", default='{"query":"hello"}', help="JSON request body")
+    p.add_argument("-c", "--connections", type=int, default=64)
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds")
+    p.add_argument("--server-pid", type=int, help="report this process's CPU use too")
+    a = p.parse_args(argv)
+    if a.connections < 1 or a.duration <= 0 or a.warmup < 0:
+        p.error("need --connections >= 1, --duration > 0, --warmup >= 0")
+    return Options(
+        host=a.host,
+        port=a.port,
+        path=a.path,
+        body=a.body.encode(),
+        connections=a.connections,
+        warmup=a.warmup,
+        duration=a.duration,
+        server_pid=a.server_pid,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: print the result as JSON on stdout."""
+    opts = _parse(argv)
+    try:
+        import uvloop
+    except ImportError:
+        result = asyncio.run(run(opts))
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            result = runner.run(run(opts))
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

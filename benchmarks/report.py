@@ -1,0 +1,116 @@
+"""Results as a Markdown table (console, ``RESULTS.md``) and as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .core import Row, ScenarioResult, Spread
+
+__all__ = ["markdown", "table", "write_json", "write_report"]
+
+_HEADER = (
+    "| scenario | backend | subject | req/s (min-max) | p50 ms | p99 ms (min-max) "
+    "| req/s ratio | p99 ratio | target | CPU % server / loadgen / other | errors |"
+)
+
+
+def _spread(value: Spread, digits: int) -> str:
+    return f"{value.median:.{digits}f} ({value.min:.{digits}f}-{value.max:.{digits}f})"
+
+
+def _ratio(value: float | None, ok: bool) -> str:
+    if value is None:
+        return ""
+    return f"{value:.2f}" if ok else f"**{value:.2f}**"
+
+
+def _row(row: Row) -> str:
+    verdict = row.meets_targets
+    target = ""
+    rps_ok = p99_ok = True
+    if row.targets is not None and row.rps_ratio is not None and row.p99_ratio is not None:
+        rps_ok = row.rps_ratio >= row.targets.min_rps_ratio
+        p99_ok = row.p99_ratio <= row.targets.max_p99_ratio
+        target = "ok" if verdict else "MISS"
+    server = "-" if row.server_cpu is None else f"{row.server_cpu:.0f}"
+    other = "-" if row.other_cpu_max is None else f"{row.other_cpu_max:.0f}"
+    cells = [
+        row.scenario,
+        row.backend,
+        row.subject,
+        _spread(row.rps, 0),
+        f"{row.p50.median:.2f}",
+        _spread(row.p99, 2),
+        _ratio(row.rps_ratio, rps_ok),
+        _ratio(row.p99_ratio, p99_ok),
+        target,
+        f"{server} / {row.loadgen_cpu_max:.0f} / {other}",
+        str(row.errors),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(results: list[ScenarioResult]) -> str:
+    """The Markdown table of every row of every scenario."""
+    lines = [_HEADER, "|" + "---|" * _HEADER.count(" | ") + "---|"]
+    lines += [_row(row) for result in results for row in result.rows]
+    return "\n".join(lines)
+
+
+def markdown(results: list[ScenarioResult], meta: dict[str, Any]) -> str:
+    """A small Markdown document: the table, how it was made, notes."""
+    machine = meta["machine"]
+    config = meta["config"]
+    parts = [
+        "# Benchmark results",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Started: {meta['started']}  ",
+        f"Machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), "
+        f"{machine['platform']}, Python {machine['python']}  ",
+        "Packages: " + ", ".join(f"{k} {v}" for k, v in meta["packages"].items()) + "  ",
+        f"Load: {config['connections']} keep-alive connections, {config['warmup']:g} s warm-up, "
+        f"{config['duration']:g} s measured, {config['repetitions']} repetition(s); "
+        "median shown, (min-max) over repetitions.",
+        "",
+        table(results),
+        "",
+        "Ratios are runtime / baseline medians on the same backend in the same run; "
+        "targets: req/s ratio >= 0.90 and p99 ratio <= 1.50 (misses in **bold**). "
+        "CPU: server median, load generator max, other processes max, in % of one core "
+        "over the measured window.",
+    ]
+    notes = [f"- {r.name}: {note}" for r in results for note in r.notes]
+    if notes:
+        parts += ["", "Notes:", "", *notes]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(directory: Path, results: list[ScenarioResult], meta: dict[str, Any]) -> Path:
+    """Write ``RESULTS.md`` into ``directory``; return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "RESULTS.md"
+    path.write_text(markdown(results, meta), encoding="utf-8")
+    return path
+
+
+def write_json(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) -> None:
+    """Everything: metadata, per-scenario settings, rows and raw samples."""
+    payload = {
+        **meta,
+        "scenarios": [
+            {
+                "name": r.name,
+                "settings": r.settings,
+                "notes": r.notes,
+                "rows": [{**asdict(row), "meets_targets": row.meets_targets} for row in r.rows],
+                "samples": r.samples,
+            }
+            for r in results
+        ],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
