@@ -10,16 +10,14 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 import msgspec
 
-from .context import RequestContext
+from .context import RequestContext, next_request_id
 from .errors import (
     InvocationError,
     InvocationTimeoutError,
@@ -114,14 +112,14 @@ class RuntimeASGI:
 
     async def _invocations(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         started = time.perf_counter()
-        timestamp = datetime.now(UTC)
+        arrived_at = time.time()
         h: dict[str, bytes] = {}
         for name, value in scope["headers"]:
             key = _WANTED.get(name)
             if key is not None:
                 h[key] = value
         rid_raw = h.get("rid")
-        request_id = rid_raw.decode("latin-1") if rid_raw else uuid.uuid4().hex
+        request_id = rid_raw.decode("latin-1") if rid_raw else next_request_id()
         try:
             payload = await self._read_payload(h, receive)
         except _Reply as reply:
@@ -136,7 +134,7 @@ class RuntimeASGI:
         ctx = RequestContext(
             session_id=session_id,
             request_id=request_id,
-            timestamp=timestamp,
+            arrived_at=arrived_at,
             metadata=metadata if isinstance(metadata, dict) else {},
             state_store=self.app.states,
             raw_headers=scope["headers"],
@@ -153,9 +151,14 @@ class RuntimeASGI:
             deadline = anyio.current_time() + self.timeout if self.timeout else float("inf")
             result: Any = None
             failure: PPIOAgentRuntimeError | None = None
-            with anyio.CancelScope(deadline=deadline) as scope_:
+            # The scope is entered first (an agent may open scopes of its own
+            # before it first awaits); its timer is armed only if it suspends.
+            with anyio.CancelScope() as scope_:
                 try:
-                    result = await app.invoke(payload, ctx)
+                    done, result = app.start_invoke(payload, ctx)
+                    if not done:
+                        scope_.deadline = deadline
+                        result = await result
                 except PPIOAgentRuntimeError as exc:
                     failure = exc
                 except Exception as exc:

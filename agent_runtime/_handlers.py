@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterator
 from typing import Any
 
 import anyio
@@ -76,6 +76,54 @@ def as_stream(value: Any) -> AsyncIterator[Any] | None:
     return None
 
 
+class _Resume:
+    """Await the rest of a coroutine that already ran up to its first suspension.
+
+    Delegates exactly as ``await`` would (PEP 380): values the event loop
+    sends and exceptions it throws (cancellation) go to the coroutine.
+    """
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self.coro, self.first
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+def start_eagerly(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any]:
+    """Run ``coro`` until it first suspends (Python 3.12's eager tasks, by hand).
+
+    Returns ``(True, result)`` when it finished without suspending -- the
+    common case for a quick agent, which then needs no cancel scope or timer --
+    else ``(False, awaitable)`` for the caller to await under its deadline.
+    Exceptions the coroutine raises propagate.
+    """
+    try:
+        first = coro.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+    return False, _Resume(coro, first)
+
+
 class Entrypoint:
     """The agent's entrypoint, callable as ``await ep(payload, context)``.
 
@@ -84,7 +132,7 @@ class Entrypoint:
     iterator for the caller to stream.
     """
 
-    __slots__ = ("__call__", "func", "is_streaming", "name", "wants_context")
+    __slots__ = ("__call__", "eager", "func", "is_streaming", "name", "wants_context")
 
     def __init__(self, func: Callable[..., Any]) -> None:
         if not callable(func):
@@ -102,12 +150,14 @@ class Entrypoint:
         self.is_streaming = inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(
             target
         )
+        self.eager = False  # a coroutine function: may be started eagerly
         if inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
             self.__call__ = self._call_generator
         elif inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
             getattr(target, "__call__", None)  # noqa: B004 - callable objects with async __call__
         ):
             self.__call__ = self._call_async
+            self.eager = inspect.iscoroutinefunction(target)
         else:
             self.__call__ = self._call_sync
 
@@ -117,6 +167,14 @@ class Entrypoint:
         else:
             result = await self.func(payload)
         return as_stream(result) or result
+
+    def start(self, payload: Any, context: RequestContext) -> tuple[bool, Any]:
+        """Eager start of a coroutine entrypoint: see :func:`start_eagerly`."""
+        coro = self.func(payload, context) if self.wants_context else self.func(payload)
+        done, value = start_eagerly(coro)
+        if done:
+            return True, as_stream(value) or value
+        return False, _finish_async(value)
 
     async def _call_generator(self, payload: Any, context: RequestContext) -> Any:
         # Creating a generator object runs none of its code, so no thread hop.
@@ -133,6 +191,11 @@ class Entrypoint:
         # at once and the thread's result is dropped when it finishes.
         result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
         return as_stream(result) or result
+
+
+async def _finish_async(pending: Awaitable[Any]) -> Any:
+    result = await pending
+    return as_stream(result) or result
 
 
 def _as_async(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:

@@ -152,6 +152,18 @@ class PPIOAgentRuntimeApp:
         if self._active_invocations == 0:
             self._note_status()
 
+    def start_invoke(self, payload: dict[str, Any], context: RequestContext) -> tuple[bool, Any]:
+        """Begin an invocation without suspending where possible.
+
+        Returns ``(True, result)`` if it already finished (a coroutine
+        entrypoint that never awaited anything slow, with no middleware), else
+        ``(False, awaitable)``. Raises what the agent raised.
+        """
+        entry = self._entrypoint
+        if entry is not None and entry.eager and not self._middlewares:
+            return entry.start(payload, context)
+        return False, self.invoke(payload, context)
+
     async def invoke(self, payload: dict[str, Any], context: RequestContext) -> Any:
         """Run middleware and the entrypoint for one request.
 

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["RequestContext", "SessionStateStore"]
+__all__ = ["RequestContext", "SessionStateStore", "next_request_id"]
+
+_ID_PREFIX = os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
+def next_request_id() -> str:
+    """A request id unique to this process run: a random prefix and a counter.
+
+    Cheaper than ``uuid4()`` on the hot path, and as unique in practice: the
+    48-bit random prefix tells processes apart, the counter requests.
+    """
+    return f"{_ID_PREFIX}{next(_id_counter):010x}"
 
 
 class SessionStateStore:
@@ -61,10 +76,11 @@ class RequestContext:
         "_raw_headers",
         "_state",
         "_store",
+        "_timestamp",
+        "arrived_at",
         "metadata",
         "request_id",
         "session_id",
-        "timestamp",
     )
 
     def __init__(
@@ -73,6 +89,7 @@ class RequestContext:
         session_id: str | None = None,
         request_id: str = "",
         timestamp: datetime | None = None,
+        arrived_at: float | None = None,
         headers: dict[str, str] | None = None,
         metadata: dict[str, Any] | None = None,
         state: dict[str, Any] | None = None,
@@ -81,12 +98,21 @@ class RequestContext:
     ) -> None:
         self.session_id = session_id
         self.request_id = request_id
-        self.timestamp = timestamp or datetime.now(UTC)
+        # The datetime is built on first use: most agents never read it.
+        self._timestamp = timestamp
+        self.arrived_at = timestamp.timestamp() if timestamp else (arrived_at or time.time())
         self.metadata: dict[str, Any] = metadata if metadata is not None else {}
         self._headers = headers
         self._raw_headers = raw_headers
         self._state = state
         self._store = state_store
+
+    @property
+    def timestamp(self) -> datetime:
+        """When the request arrived (timezone-aware, UTC)."""
+        if self._timestamp is None:
+            self._timestamp = datetime.fromtimestamp(self.arrived_at, UTC)
+        return self._timestamp
 
     @property
     def headers(self) -> dict[str, str]:
