@@ -167,7 +167,7 @@ def _canonical_path(url_path: str | bytes) -> str:
     if isinstance(url_path, bytes):
         path = quote_from_bytes(url_path, safe=_PATH_SAFE)
     else:
-        path = quote(url_path, safe="/%")
+        path = quote(url_path, safe=_PATH_SAFE)
     return path or "/"
 
 
