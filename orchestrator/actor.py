@@ -1,0 +1,233 @@
+"""Session records and the actor task that runs their turns.
+
+A session is a small record while idle (a virtual actor, as in Orleans): its
+actor task is activated by the first message and passivated after
+``PASSIVATE_AFTER`` quiet seconds, while the session itself lives on until its
+own timeout. While active, the actor is one anyio task owned by the
+orchestrator's task group; it takes turns from the session's mailbox one at a
+time and runs them in the sandbox.
+
+Callers wait on a :class:`Turn` with :func:`wait_started` and read a stream
+with :func:`read_events`; the actor publishes progress with :func:`notify`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+
+from ppio_sandbox.agent_runtime.errors import (
+    InvocationCancelledError,
+    InvocationError,
+    InvocationTimeoutError,
+    PPIOAgentRuntimeError,
+    SandboxCrashedError,
+)
+
+from .sandbox.base import Sandbox, TurnCall
+from .session_core import SessionCore, Turn, TurnOutcome
+
+if TYPE_CHECKING:
+    from .host import Orchestrator
+
+__all__ = ["PASSIVATE_AFTER", "STREAM_WINDOW", "Session", "notify", "read_events", "wait_started"]
+
+PASSIVATE_AFTER = 5.0
+"""Seconds an actor task waits for a new turn before it passivates."""
+
+STREAM_WINDOW = 32
+"""Chunks the agent may run ahead of a live stream reader (backpressure)."""
+
+
+class Session:
+    """What the orchestrator keeps for one session (a record, not a task)."""
+
+    __slots__ = (
+        "active",
+        "core",
+        "env_vars",
+        "metadata",
+        "sandbox",
+        "state",
+        "template_id",
+        "tenant",
+        "wake",
+    )
+
+    def __init__(
+        self,
+        core: SessionCore,
+        *,
+        tenant: str,
+        template_id: str,
+        metadata: dict[str, Any] | None = None,
+        env_vars: dict[str, str] | None = None,
+    ) -> None:
+        self.core = core
+        self.tenant = tenant
+        self.template_id = template_id
+        self.metadata = metadata
+        self.env_vars = env_vars
+        self.sandbox: Sandbox | None = None
+        self.state: dict[str, Any] | None = None  # context.state, created on first turn
+        self.active = False  # an actor task is running for this session
+        self.wake: anyio.Event | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.core.session_id
+
+    def kick(self) -> bool:
+        """Wake the actor; False when none is running (the caller activates one)."""
+        if not self.active:
+            return False
+        if self.wake is not None:
+            self.wake.set()
+        return True
+
+
+def notify(turn: Turn) -> None:
+    """Wake everyone waiting on ``turn`` (new event, start of stream, end)."""
+    event = turn.listeners
+    if event is not None:
+        turn.listeners = None
+        event.set()
+
+
+async def _changed(turn: Turn) -> None:
+    if turn.listeners is None:
+        turn.listeners = anyio.Event()
+    await turn.listeners.wait()
+
+
+async def wait_started(turn: Turn) -> None:
+    """Wait until the turn is done or has started streaming."""
+    while not (turn.done or turn.streaming):
+        await _changed(turn)
+
+
+async def read_events(turn: Turn, start: int = 0, *, live: bool = True) -> AsyncIterator[Any]:
+    """Yield ``(seq, chunk)`` from event ``start`` (0-based) until the turn ends.
+
+    A ``live`` reader paces the agent: the actor runs at most
+    :data:`STREAM_WINDOW` chunks ahead of it.
+    """
+    index = start
+    while True:
+        events = turn.events
+        while index < len(events):
+            chunk = events[index]
+            index += 1
+            if live and index > turn.acked:
+                turn.acked = index
+                notify(turn)
+            yield index, chunk
+        if turn.done:
+            return
+        await _changed(turn)
+
+
+class TurnRunner:
+    """Runs the turns of active sessions; one call of :meth:`run` is one actor task."""
+
+    def __init__(self, host: Orchestrator) -> None:
+        self.host = host
+
+    async def run(self, session: Session) -> None:
+        """The actor: take turns from the mailbox until quiet, then passivate."""
+        core = session.core
+        clock = self.host.clock
+        try:
+            while True:
+                turn = core.next_turn(clock())
+                if turn is not None:
+                    await self._run_turn(session, turn)
+                    continue
+                if core.ended:
+                    return
+                session.wake = anyio.Event()
+                with anyio.move_on_after(PASSIVATE_AFTER) as quiet:
+                    await session.wake.wait()
+                session.wake = None
+                if quiet.cancelled_caught:
+                    return  # passivate: the record lives on; a new turn reactivates
+        finally:
+            session.active = False
+            session.wake = None
+            # A message that arrived while we were returning must not be stranded.
+            if not core.ended and core.queued and not core.paused:
+                self.host.activate(session)
+
+    async def _run_turn(self, session: Session, turn: Turn) -> None:
+        host = self.host
+        core = session.core
+        outcome = TurnOutcome.OK
+        host.turn_started()
+        with anyio.CancelScope() as scope:
+            turn.cancel = scope.cancel
+            try:
+                with anyio.fail_after(host.turn_timeout(session)):
+                    await self._execute(session, turn)
+            except TimeoutError:
+                turn.error = InvocationTimeoutError(
+                    f"turn exceeded the template's timeout ({host.turn_timeout(session):g} s)"
+                )
+                outcome = TurnOutcome.TIMEOUT
+            except SandboxCrashedError as exc:
+                turn.error = exc
+                outcome = TurnOutcome.CRASHED
+            except PPIOAgentRuntimeError as exc:
+                turn.error = exc
+                outcome = TurnOutcome.ERROR
+            except Exception as exc:
+                message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                turn.error = InvocationError(message)
+                outcome = TurnOutcome.ERROR
+        turn.cancel = None
+        if scope.cancelled_caught:
+            if turn.error is None:
+                turn.error = InvocationCancelledError("the turn was cancelled")
+            outcome = TurnOutcome.CANCELLED
+        if turn.error is not None:
+            turn.error.request_id = turn.request_id
+        core.finish(turn, outcome, host.clock())
+        host.turn_finished(turn, outcome)
+        notify(turn)
+        if outcome is TurnOutcome.CRASHED:
+            with anyio.CancelScope(shield=True):
+                await host.sandbox_crashed(session)
+
+    async def _execute(self, session: Session, turn: Turn) -> None:
+        sandbox = session.sandbox
+        if sandbox is None or not sandbox.alive:
+            raise SandboxCrashedError(f"session {session.session_id} has no running sandbox")
+        if session.state is None:
+            session.state = {}
+        call = TurnCall(
+            turn.payload,
+            session_id=session.session_id,
+            request_id=turn.request_id,
+            state=session.state,
+        )
+        result = await sandbox.invoke(call)
+        if not hasattr(result, "__anext__"):
+            turn.result = result
+            return
+        turn.streaming = True
+        notify(turn)
+        try:
+            async for chunk in result:
+                turn.events.append(chunk)
+                notify(turn)
+                # Backpressure: wait for a live reader that fell behind.
+                while turn.readers and len(turn.events) - turn.acked >= STREAM_WINDOW:
+                    await _changed(turn)
+                await anyio.lowlevel.checkpoint()
+        finally:
+            aclose = getattr(result, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await aclose()

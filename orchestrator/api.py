@@ -1,0 +1,186 @@
+"""The orchestrator's management API on Quart (QuartTrio on trio): templates and sessions.
+
+Invocations do not come here: the front door (``frontend.py``) sends them to
+the lean hot path. Requests reaching these routes are already authenticated;
+the tenant is in ``request.scope["ppio.tenant"]``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException
+
+from ppio_sandbox.agent_runtime.errors import (
+    MethodNotAllowedError,
+    NotFoundError,
+    PPIOAgentRuntimeError,
+    ValidationError,
+)
+
+from .host import Orchestrator
+from .wire import decode_object, encode_reply, session_view, template_view
+
+__all__ = ["create_api"]
+
+_ARCHIVE_TYPES = (
+    "application/gzip",
+    "application/x-gzip",
+    "application/x-tar",
+    "application/octet-stream",
+)
+
+
+def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
+    """Build the management API for ``host`` (pass ``QuartTrio`` on trio)."""
+    # An explicit instance path: Flask cannot locate a namespace package.
+    app = app_class("ppio_sandbox.orchestrator", instance_path=str(host.config.data_dir.resolve()))
+    app.config["MAX_CONTENT_LENGTH"] = None  # the front door bounds bodies
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    wall_offset = time.time() - host.clock()
+
+    def tenant() -> str:
+        return str(request.scope["ppio.tenant"])
+
+    def reply(value: Any, status: int = 200) -> Response:
+        body, ctype = encode_reply(value, request.headers.get("accept", "").encode())
+        return Response(body, status=status, content_type=ctype.decode())
+
+    async def body_object(allow_empty: bool = False) -> dict[str, Any]:
+        data = await request.get_data(cache=False, as_text=False)
+        ctype = request.headers.get("content-type", "").encode()
+        return decode_object(ctype, data, allow_empty=allow_empty)
+
+    def view(session: Any) -> dict[str, Any]:
+        return session_view(session, wall_offset=wall_offset)
+
+    @app.errorhandler(PPIOAgentRuntimeError)
+    async def on_error(exc: PPIOAgentRuntimeError) -> Response:
+        response = reply(exc.to_envelope(request.headers.get("x-ppio-request-id")), exc.status_code)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, round(retry_after)))
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def on_http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        err: PPIOAgentRuntimeError
+        if code == 404:
+            err = NotFoundError(f"no route {request.method} {request.path}")
+        elif code == 405:
+            err = MethodNotAllowedError(f"{request.method} not allowed on {request.path}")
+        else:
+            err = ValidationError(exc.description or exc.name)
+        return reply(err.to_envelope(), code if code in (404, 405) else 400)
+
+    # -- templates ----------------------------------------------------------
+
+    @app.get("/v1/templates")
+    async def list_templates() -> Response:
+        templates = await host.list_templates(tenant())
+        return reply({"templates": [template_view(t) for t in templates]})
+
+    @app.get("/v1/templates/<template_id>")
+    async def get_template(template_id: str) -> Response:
+        return reply(template_view(await host.resolve_template(template_id, tenant())))
+
+    @app.post("/v1/templates")
+    async def deploy_template() -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in _ARCHIVE_TYPES:
+            raise ValidationError(
+                "upload the agent directory as a tar.gz archive (Content-Type application/gzip)"
+            )
+        data = await request.get_data(cache=False, as_text=False)
+        if not data:
+            raise ValidationError("empty archive")
+        template = await host.deploy_archive(data, tenant())
+        return reply(template_view(template), 202)
+
+    @app.delete("/v1/templates/<template_id>")
+    async def delete_template(template_id: str) -> Response:
+        template = await host.templates.resolve(template_id, tenant())
+        await host.delete_template(template, tenant())
+        return reply({"template_id": template.id, "deleted": True})
+
+    # -- sessions -----------------------------------------------------------
+
+    @app.post("/v1/sessions")
+    async def create_session() -> Response:
+        body = await body_object()
+        template_id = body.get("template_id")
+        if not isinstance(template_id, str) or not template_id:
+            raise ValidationError("template_id is required")
+        timeout = body.get("timeout_seconds")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+        ):
+            raise ValidationError("timeout_seconds must be a number")
+        env_vars = body.get("env_vars") or {}
+        if not isinstance(env_vars, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()
+        ):
+            raise ValidationError("env_vars must be an object of strings")
+        metadata = body.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise ValidationError("metadata must be an object")
+        session_id = body.get("session_id")
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise ValidationError("session_id must be a non-empty string")
+        session = await host.create_session(
+            tenant(),
+            template_id,
+            session_id=session_id,
+            timeout_seconds=timeout,
+            env_vars=env_vars,
+            metadata=metadata,
+        )
+        return reply(view(session), 201)
+
+    @app.get("/v1/sessions")
+    async def list_sessions() -> Response:
+        return reply({"sessions": [view(s) for s in host.list_sessions(tenant())]})
+
+    @app.get("/v1/sessions/<session_id>")
+    async def get_session(session_id: str) -> Response:
+        return reply(view(host.get_session(tenant(), session_id)))
+
+    @app.delete("/v1/sessions/<session_id>")
+    async def close_session(session_id: str) -> Response:
+        session = host.get_session(tenant(), session_id)
+        await host.close_session(session, "closed by the caller")
+        return reply(view(session))
+
+    @app.post("/v1/sessions/<session_id>/pause")
+    async def pause_session(session_id: str) -> Response:
+        session = host.get_session(tenant(), session_id)
+        await host.pause(session)
+        return reply(view(session))
+
+    @app.post("/v1/sessions/<session_id>/resume")
+    async def resume_session(session_id: str) -> Response:
+        session = host.get_session(tenant(), session_id)
+        await host.resume(session)
+        return reply(view(session))
+
+    @app.route("/v1/sessions/<session_id>/timeout", methods=["POST", "PUT"])
+    async def set_timeout(session_id: str) -> Response:
+        session = host.get_session(tenant(), session_id)
+        body = await body_object()
+        seconds = body.get("timeout_seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise ValidationError("timeout_seconds must be a number")
+        host.set_timeout(session, float(seconds))
+        return reply(view(session))
+
+    @app.get("/v1/sessions/<session_id>/ping")
+    async def ping_session(session_id: str) -> Response:
+        session = host.get_session(tenant(), session_id)
+        if session.sandbox is None:
+            raise ValidationError(f"session {session_id} has no running sandbox")
+        return reply({"session_id": session_id, **(await session.sandbox.ping())})
+
+    return app

@@ -1,0 +1,80 @@
+"""``ppio-sandbox-cli``: the command line.
+
+``serve`` starts the orchestrator. The agent and session commands (deploy,
+invoke, list, close) talk to a running orchestrator through the client and
+arrive with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the orchestrator (sessions, templates, API)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8900, help="TCP port (default 8900)")
+    p.add_argument("--bind", help="unix:/path or host:port; overrides --host/--port")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".ppio-orchestrator"),
+        help="where templates, their database and sandboxes' working directories live",
+    )
+    p.add_argument(
+        "--template",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="register and deploy a template directory at start-up (repeatable)",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="[TENANT:]KEY_ID:SECRET",
+        help="accept this API key (repeatable); also $PPIO_ORCHESTRATOR_KEYS",
+    )
+    p.add_argument("--keys-file", action="append", default=[], type=Path, help="file of API keys")
+    p.add_argument(
+        "--worker",
+        choices=["asyncio", "uvloop", "trio"],
+        default=None,
+        help="event loop (default: uvloop when installed, else asyncio)",
+    )
+    p.add_argument("--warm-pool", type=int, help="process sandboxes kept warm per template")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to drain turns on SIGTERM")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ppio-sandbox-cli", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from .server import ServeOptions, serve_blocking
+
+        options = ServeOptions(
+            host=args.host,
+            port=args.port,
+            bind=args.bind,
+            data_dir=args.data_dir,
+            templates=list(args.template),
+            api_keys=list(args.api_key),
+            keys_files=list(args.keys_file),
+            worker=args.worker,
+            warm_pool=args.warm_pool,
+            grace=args.grace,
+            log_level=args.log_level,
+        )
+        return serve_blocking(options)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

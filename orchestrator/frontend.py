@@ -1,0 +1,198 @@
+"""The front door: one ASGI application in front of everything.
+
+It answers ``/ping``, ``/healthz`` and ``/metrics`` itself, reads and bounds
+every ``/v1`` body, authenticates it (Bearer or HMAC, which needs the body),
+sends invocations to the lean hot path and everything else to the Quart API
+(with the body replayed and the tenant in the scope).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ppio_sandbox.agent_runtime.errors import (
+    NotFoundError,
+    PPIOAgentRuntimeError,
+    RequestTooLargeError,
+    ValidationError,
+)
+
+from .auth import Authenticator
+from .host import Orchestrator
+from .hotpath import InvocationHandler
+from .wire import encode_reply
+
+__all__ = ["FrontDoor"]
+
+logger = logging.getLogger("ppio_sandbox.orchestrator")
+
+_OPEN_PATHS = ("/ping", "/healthz")
+
+
+class _Reply(Exception):
+    def __init__(self, error: PPIOAgentRuntimeError) -> None:
+        self.error = error
+
+
+class FrontDoor:
+    """ASGI application of the orchestrator."""
+
+    def __init__(
+        self,
+        host: Orchestrator,
+        api: Any,
+        authenticator: Authenticator,
+        *,
+        metrics: Any = None,
+        max_request_size: int = 8 * 1024 * 1024,
+        max_upload_size: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.host = host
+        self.api = api
+        self.auth = authenticator
+        self.metrics = metrics
+        self.max_request_size = max_request_size
+        self.max_upload_size = max_upload_size
+        self.invocations = InvocationHandler(host, self.send_error)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)  # lifespan, websocket: Quart's business
+            return
+        path: str = scope["path"]
+        if path.startswith("/v1/"):
+            await self._v1(scope, receive, send, path)
+        elif path in _OPEN_PATHS:
+            await self._health(scope, send)
+        elif path == "/metrics":
+            await self._metrics(scope, send)
+        else:
+            await self.send_error(send, NotFoundError(f"no route {path}"), None, b"")
+
+    async def _v1(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
+        method = scope["method"]
+        upload = method == "POST" and path == "/v1/templates"
+        try:
+            body = await self._read_body(
+                scope, receive, self.max_upload_size if upload else self.max_request_size
+            )
+            principal = self.auth.authenticate(
+                method, scope.get("raw_path") or path, scope["query_string"], scope["headers"], body
+            )
+        except _Reply as reply:
+            await self.send_error(send, reply.error, None, b"", close=True)
+            return
+        except PPIOAgentRuntimeError as exc:
+            await self.send_error(send, exc, None, b"")
+            return
+        if method == "POST" and path.endswith("/invocations"):
+            parts = path.split("/")  # ['', 'v1', kind, target, 'invocations']
+            if len(parts) == 5 and parts[2] in ("sessions", "agents") and parts[3]:
+                await self.invocations(
+                    scope,
+                    receive,
+                    send,
+                    tenant=principal.tenant,
+                    kind=parts[2],
+                    target=parts[3],
+                    body=body,
+                )
+                return
+        scope = {**scope, "ppio.tenant": principal.tenant}
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # type: ignore[no-any-return]
+
+        await self.api(scope, replay, send)
+
+    async def _read_body(self, scope: dict[str, Any], receive: Any, limit: int) -> bytes:
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise _Reply(ValidationError("invalid Content-Length")) from None
+                if declared > limit:
+                    raise _Reply(RequestTooLargeError(f"body exceeds {limit} bytes"))
+                break
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Reply(ValidationError("client disconnected while sending the body"))
+            part = message.get("body", b"")
+            size += len(part)
+            if size > limit:
+                raise _Reply(RequestTooLargeError(f"body exceeds {limit} bytes"))
+            chunks.append(part)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _health(self, scope: dict[str, Any], send: Any) -> None:
+        host = self.host
+        status = "Healthy" if host.accepting else "ShuttingDown"
+        value = {
+            "status": status,
+            "sessions": len(host.directory),
+            "running_turns": host.running_turns,
+        }
+        body, ctype = encode_reply(value, b"")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200 if host.accepting else 503,
+                "headers": [(b"content-type", ctype), (b"content-length", b"%d" % len(body))],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _metrics(self, scope: dict[str, Any], send: Any) -> None:
+        client = scope.get("client")
+        host_addr = client[0] if client else None
+        loopback = (
+            host_addr is None
+            or host_addr in ("::1", "localhost")
+            or (isinstance(host_addr, str) and host_addr.startswith("127."))
+        )
+        if not loopback or self.metrics is None:
+            await self.send_error(send, NotFoundError("no route /metrics"), None, b"")
+            return
+        body = self.metrics.render()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+                    (b"content-length", b"%d" % len(body)),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def send_error(
+        self,
+        send: Any,
+        error: PPIOAgentRuntimeError,
+        request_id: str | None,
+        accept: bytes,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        *,
+        close: bool = False,
+    ) -> None:
+        body, ctype = encode_reply(error.to_envelope(request_id), accept)
+        out = [*(headers or ()), (b"content-type", ctype), (b"content-length", b"%d" % len(body))]
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            out.append((b"retry-after", b"%d" % max(1, round(retry_after))))
+        if close:
+            out.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": error.status_code, "headers": out})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,169 @@
+"""Running the orchestrator on hypercorn: the one module that knows the backends.
+
+asyncio (uvloop when installed) serves the Quart API; trio serves the same
+routes on QuartTrio. SIGTERM or SIGINT: stop accepting, let running turns
+finish for ``grace`` seconds, close every sandbox, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import sniffio
+
+from ppio_sandbox.agent_runtime.server import KeyValueFormatter
+
+from .auth import Authenticator, KeyRing
+from .host import SHARED_TENANT, Orchestrator, OrchestratorConfig
+from .session_core import SessionLimits
+
+__all__ = ["ServeOptions", "run", "serve_blocking"]
+
+logger = logging.getLogger("ppio_sandbox.orchestrator")
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8900
+    bind: str | None = None
+    data_dir: Path = field(default_factory=lambda: Path(".ppio-orchestrator"))
+    templates: list[Path] = field(default_factory=list)
+    template_tenant: str = SHARED_TENANT
+    api_keys: list[str] = field(default_factory=list)
+    keys_files: list[Path] = field(default_factory=list)
+    worker: str | None = None
+    warm_pool: int | None = None
+    grace: float = 30.0
+    log_level: str = "INFO"
+    environ: dict[str, str] | None = None
+    limits: SessionLimits | None = None
+    stream_resume_grace: float = 10.0
+
+
+def _bind_address(options: ServeOptions, auth_enabled: bool) -> str:
+    if options.bind:
+        bind = options.bind
+        host = "unix" if bind.startswith("unix:") else bind.rpartition(":")[0]
+    else:
+        host = options.host
+        bind = f"[{host}]:{options.port}" if ":" in host else f"{host}:{options.port}"
+    if not auth_enabled and host != "unix" and host not in _LOOPBACK:
+        logger.warning(
+            "no API keys configured: binding 127.0.0.1 instead of %s; "
+            "pass --api-key or set PPIO_ORCHESTRATOR_KEYS to serve other hosts",
+            host,
+        )
+        port = bind.rpartition(":")[2]
+        bind = f"127.0.0.1:{port}"
+    return bind
+
+
+async def run(
+    options: ServeOptions,
+    *,
+    shutdown: anyio.Event | None = None,
+    install_signal_handlers: bool = True,
+    task_status: anyio.abc.TaskStatus[Orchestrator] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``shutdown`` is set or a signal arrives."""
+    from hypercorn.config import Config
+
+    from .api import create_api
+    from .frontend import FrontDoor
+    from .metrics import OrchestratorMetrics
+
+    keyring = KeyRing.load(options.api_keys, environ=options.environ, files=options.keys_files)
+    authenticator = Authenticator(keyring)
+    bind = _bind_address(options, authenticator.enabled)
+    if not authenticator.enabled:
+        logger.warning("no API keys configured: authentication is off (loopback only)")
+    on_trio = sniffio.current_async_library() == "trio"
+    if on_trio:
+        from hypercorn.trio import serve as hypercorn_serve
+        from quart_trio import QuartTrio as app_class
+    else:
+        from hypercorn.asyncio import serve as hypercorn_serve  # type: ignore[assignment]
+        from quart import Quart as app_class  # type: ignore[assignment]
+
+    config = OrchestratorConfig(
+        data_dir=options.data_dir,
+        shutdown_grace=options.grace,
+        warm_pool=options.warm_pool,
+        limits=options.limits or SessionLimits(),
+        stream_resume_grace=options.stream_resume_grace,
+    )
+    shutdown = shutdown or anyio.Event()
+    async with Orchestrator(config, metrics=OrchestratorMetrics()) as host:
+        for path in options.templates:
+            template = await host.register_directory(path, options.template_tenant)
+            logger.info("template %s from %s: %s", template.id, path, template.phase)
+        api = create_api(host, app_class)
+        front = FrontDoor(host, api, authenticator, metrics=host.metrics)
+        hc = Config()
+        hc.bind = [bind]
+        hc.graceful_timeout = options.grace
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("ppio_sandbox.orchestrator.server")
+        async with anyio.create_task_group() as tg:
+
+            async def serve_http() -> None:
+                await hypercorn_serve(front, hc, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(serve_http)
+            logger.info("orchestrator listening on %s (data in %s)", bind, options.data_dir)
+            task_status.started(host)
+            if install_signal_handlers:
+                await _on_signals(shutdown, host, tg.cancel_scope)
+        logger.info("HTTP stopped; closing %d sessions", len(host.directory))
+    logger.info("orchestrator stopped")
+
+
+async def _on_signals(shutdown: anyio.Event, host: Orchestrator, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if shutdown.is_set():
+                logger.warning("second signal: stopping now")
+                scope.cancel()
+                return
+            logger.info(
+                "%s: no new turns; draining %d running",
+                signal.Signals(signum).name,
+                host.running_turns,
+            )
+            host.accepting = False
+            shutdown.set()
+
+
+def serve_blocking(options: ServeOptions) -> int:
+    """Run :func:`run` on the chosen worker until it stops; the exit code."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    logging.getLogger("ppio_sandbox").setLevel(options.log_level.upper())
+    worker = options.worker
+    if worker == "trio":
+        anyio.run(run, options, backend="trio")
+        return 0
+    backend_options: dict[str, Any] = {}
+    if worker in (None, "uvloop"):
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            if worker == "uvloop":
+                raise SystemExit("--worker uvloop needs uvloop: pip install uvloop") from None
+        else:
+            backend_options["use_uvloop"] = True
+    anyio.run(run, options, backend="asyncio", backend_options=backend_options)
+    return 0
