@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import msgspec
 
@@ -76,6 +77,8 @@ class RuntimeASGI:
         self.timeout = cfg.invocation_timeout
         self.cors_any = "*" in cfg.cors_origins
         self.cors_origins = {o.encode() for o in cfg.cors_origins}
+        # Lives as long as the server (lifespan): hosts disconnect watchers.
+        self._watchers: anyio.abc.TaskGroup | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -148,27 +151,39 @@ class RuntimeASGI:
         app = self.app
         app._begin()
         try:
-            deadline = anyio.current_time() + self.timeout if self.timeout else float("inf")
             result: Any = None
             failure: PPIOAgentRuntimeError | None = None
             # The scope is entered first (an agent may open scopes of its own
             # before it first awaits); its timer is armed only if it suspends.
+            gone: list[bool] = []
             with anyio.CancelScope() as scope_:
                 try:
                     done, result = app.start_invoke(payload, ctx)
                     if not done:
-                        scope_.deadline = deadline
-                        result = await result
+                        if self.timeout:
+                            scope_.deadline = anyio.current_time() + self.timeout
+                        result = await self._await_unless_gone(result, receive, scope_, gone)
                 except PPIOAgentRuntimeError as exc:
                     failure = exc
                 except Exception as exc:
                     failure = self._agent_failure(exc, request_id, session_id)
+            if gone:
+                logger.info(
+                    "client disconnected; invocation cancelled",
+                    extra={"request_id": request_id, "session_id": session_id},
+                )
+                return
             if scope_.cancelled_caught:
                 failure = InvocationTimeoutError(f"invocation exceeded {self.timeout:g} s")
             if failure is not None:
                 await self._error(scope, send, failure, request_id)
                 return
             if hasattr(result, "__anext__"):
+                deadline = (
+                    started - time.perf_counter() + anyio.current_time() + self.timeout
+                    if self.timeout
+                    else float("inf")
+                )
                 await self._stream(scope, receive, send, result, ctx, started, deadline)
                 return
             wants_msgpack = _MSGPACK in h.get("accept", b"")
@@ -204,6 +219,26 @@ class RuntimeASGI:
                     extra={"request_id": request_id, "session_id": session_id},
                 )
 
+    async def _await_unless_gone(
+        self, pending: Any, receive: Any, scope: anyio.CancelScope, gone: list[bool]
+    ) -> Any:
+        """Await an invocation that suspended, cancelling it if the client leaves.
+
+        Only suspended invocations pay for a watcher. It runs in the app's
+        lifespan task group, not a nursery here: the agent's coroutine was
+        started eagerly and may hold cancel scopes of its own, which must not
+        end up outside a scope entered now.
+        """
+        watchers = self._watchers
+        if watchers is None:  # served without lifespan: no disconnect detection
+            return await pending
+        watch = _DisconnectWatch(scope, gone)
+        watchers.start_soon(watch.run, receive)
+        try:
+            return await pending
+        finally:
+            watch.stop()
+
     async def _read_payload(self, h: dict[str, bytes], receive: Any) -> dict[str, Any]:
         decode: Callable[[bytes], Any]
         ctype = h.get("ct", b"").split(b";", 1)[0].strip().lower()
@@ -227,6 +262,8 @@ class RuntimeASGI:
             except ValueError:
                 raise _Reply(ValidationError("invalid Content-Length")) from None
             if size > self.max_body:
+                if size <= _DISCARD_LIMIT:
+                    await _discard_rest(receive, {"more_body": True})
                 raise _Reply(self._too_large())
         body = await self._read_body(receive)
         if not body:
@@ -267,6 +304,7 @@ class RuntimeASGI:
             part = message.get("body", b"")
             size += len(part)
             if size > self.max_body:
+                await _discard_rest(receive, message)
                 raise _Reply(self._too_large())
             chunks.append(part)
         return b"".join(chunks)
@@ -457,21 +495,71 @@ class RuntimeASGI:
         await send({"type": "http.response.body", "body": b""})
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                if self.app.entrypoint_handler is None:
-                    await send(
-                        {
-                            "type": "lifespan.startup.failed",
-                            "message": "no entrypoint registered: use @app.entrypoint",
-                        }
-                    )
+        async with anyio.create_task_group() as tg:
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    if self.app.entrypoint_handler is None:
+                        await send(
+                            {
+                                "type": "lifespan.startup.failed",
+                                "message": "no entrypoint registered: use @app.entrypoint",
+                            }
+                        )
+                        return
+                    self._watchers = tg
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    self._watchers = None
+                    tg.cancel_scope.cancel()
+                    await send({"type": "lifespan.shutdown.complete"})
                     return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
+
+
+_DISCARD_LIMIT = 16 * 1024 * 1024
+_DISCARD_SECONDS = 5.0
+
+
+async def _discard_rest(receive: Any, message: dict[str, Any]) -> None:
+    """Read and drop the rest of an oversized body before answering 413.
+
+    Closing a socket with unread data makes the kernel reset the connection,
+    and the client may then never see the 413. Bounded in bytes and time.
+    """
+    dropped = 0
+    with anyio.move_on_after(_DISCARD_SECONDS):
+        while message.get("more_body", False) and dropped < _DISCARD_LIMIT:
+            message = await receive()
+            if message["type"] == "http.disconnect":
                 return
+            dropped += len(message.get("body", b""))
+
+
+class _DisconnectWatch:
+    """Cancels an invocation's scope when its client disconnects; stopped when it ends."""
+
+    __slots__ = ("finished", "gone", "scope", "target")
+
+    def __init__(self, target: anyio.CancelScope, gone: list[bool]) -> None:
+        self.target = target
+        self.gone = gone
+        self.finished = False
+        self.scope: anyio.CancelScope | None = None
+
+    async def run(self, receive: Any) -> None:
+        if self.finished:
+            return
+        with anyio.CancelScope() as self.scope:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not self.finished:
+                self.gone.append(True)
+                self.target.cancel()
+
+    def stop(self) -> None:
+        self.finished = True
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 def _json_kind(value: Any) -> str:

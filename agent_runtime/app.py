@@ -144,13 +144,15 @@ class PPIOAgentRuntimeApp:
 
     def _begin(self) -> None:
         self._active_invocations += 1
-        if self._active_invocations == 1:
-            self._note_status()
+        if self._active_invocations == 1 and self._last_status is PingStatus.HEALTHY:
+            self._last_status = PingStatus.HEALTHY_BUSY
+            self._last_status_change = int(time.time())
 
     def _end(self) -> None:
         self._active_invocations -= 1
-        if self._active_invocations == 0:
-            self._note_status()
+        if self._active_invocations == 0 and not self._async_tasks:
+            self._last_status = PingStatus.HEALTHY
+            self._last_status_change = int(time.time())
 
     def start_invoke(self, payload: dict[str, Any], context: RequestContext) -> tuple[bool, Any]:
         """Begin an invocation without suspending where possible.

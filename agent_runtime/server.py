@@ -9,11 +9,13 @@ signal stops at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import stat
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -87,6 +89,7 @@ async def serve(
     *,
     shutdown: anyio.Event | None = None,
     install_signal_handlers: bool = True,
+    exit_on_second_signal: bool = False,
 ) -> None:
     """Serve ``app`` with hypercorn on the running anyio backend.
 
@@ -102,25 +105,41 @@ async def serve(
     else:
         from hypercorn.asyncio import serve as hypercorn_serve  # type: ignore[assignment]
 
+    forced = anyio.Event()
     async with anyio.create_task_group() as tg:
 
         async def run_server() -> None:
             # In a child task: hypercorn's asyncio TaskGroup cancels its
             # parent task on shutdown, which must not be the task owning `tg`.
-            await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait)
+            try:
+                await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait)
+            except Exception as exc:
+                # hypercorn's asyncio worker raises InvalidStateError when its
+                # graceful wait is cancelled: a forced stop, not a failure.
+                if not forced.is_set():
+                    raise
+                logger.debug("hypercorn stopped by force: %r", exc)
             tg.cancel_scope.cancel()
 
         logger.info("agent runtime listening on %s", hc.bind[0])
         tg.start_soon(run_server)
         if install_signal_handlers:
-            await _drain_on_signals(shutdown, tg.cancel_scope, config.graceful_timeout)
+            await _drain_on_signals(
+                shutdown, forced, tg.cancel_scope, config.graceful_timeout, exit_on_second_signal
+            )
     bind = hc.bind[0]
     if bind.startswith("unix:"):
         _prepare_unix_socket(bind)
     logger.info("agent runtime stopped")
 
 
-async def _drain_on_signals(shutdown: anyio.Event, scope: anyio.CancelScope, grace: float) -> None:
+async def _drain_on_signals(
+    shutdown: anyio.Event,
+    forced: anyio.Event,
+    scope: anyio.CancelScope,
+    grace: float,
+    exit_now: bool,
+) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if not shutdown.is_set():
@@ -132,6 +151,11 @@ async def _drain_on_signals(shutdown: anyio.Event, scope: anyio.CancelScope, gra
                 shutdown.set()
             else:
                 logger.warning("second signal: stopping now")
+                if exit_now:
+                    # The process is ours (serve_forever): dropping the open
+                    # connections at once is what a second signal asks for.
+                    _hard_exit()
+                forced.set()
                 scope.cancel()
 
 
@@ -145,15 +169,44 @@ def serve_forever(app: PPIOAgentRuntimeApp) -> None:
         _serve_uvicorn(app)
         return
     if config.backend == "trio":
-        anyio.run(serve, app, backend="trio")
-        return
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        options: dict[str, Any] = {}
+        anyio.run(functools.partial(serve, app, exit_on_second_signal=True), backend="trio")
     else:
-        options = {"use_uvloop": True}
-    anyio.run(serve, app, backend="asyncio", backend_options=options)
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            options: dict[str, Any] = {}
+        else:
+            options = {"use_uvloop": True}
+        anyio.run(
+            functools.partial(serve, app, exit_on_second_signal=True),
+            backend="asyncio",
+            backend_options=options,
+        )
+    _exit_if_threads_linger()
+
+
+def _exit_if_threads_linger() -> None:
+    """Exit now if abandoned worker threads would keep the process alive.
+
+    A sync entrypoint that timed out keeps running in its thread (a thread
+    cannot be cancelled); the interpreter would wait for it at exit. The
+    server has stopped and answered everyone, so nothing is lost by going.
+    """
+    stuck = [
+        t
+        for t in threading.enumerate()
+        if t.is_alive() and not t.daemon and t is not threading.main_thread()
+    ]
+    if stuck:
+        logger.warning("exiting with %d abandoned worker thread(s) still running", len(stuck))
+        _hard_exit()
+
+
+def _hard_exit() -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _serve_uvicorn(app: PPIOAgentRuntimeApp) -> None:

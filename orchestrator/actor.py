@@ -193,12 +193,13 @@ class TurnRunner:
             outcome = TurnOutcome.CANCELLED
         if turn.error is not None:
             turn.error.request_id = turn.request_id
+        restart = host.crash_verdict(session) if outcome is TurnOutcome.CRASHED else False
         core.finish(turn, outcome, host.clock())
         host.turn_finished(turn, outcome)
         notify(turn)
         if outcome is TurnOutcome.CRASHED:
             with anyio.CancelScope(shield=True):
-                await host.sandbox_crashed(session)
+                await host.replace_sandbox(session, restart)
 
     async def _execute(self, session: Session, turn: Turn) -> None:
         sandbox = session.sandbox

@@ -42,14 +42,15 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
     wall_offset = time.time() - host.clock()
 
     def tenant() -> str:
-        return str(request.scope["ppio.tenant"])
+        scope: dict[str, Any] = request.scope  # type: ignore[assignment]
+        return str(scope["ppio.tenant"])
 
     def reply(value: Any, status: int = 200) -> Response:
         body, ctype = encode_reply(value, request.headers.get("accept", "").encode())
         return Response(body, status=status, content_type=ctype.decode())
 
     async def body_object(allow_empty: bool = False) -> dict[str, Any]:
-        data = await request.get_data(cache=False, as_text=False)
+        data: bytes = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         ctype = request.headers.get("content-type", "").encode()
         return decode_object(ctype, data, allow_empty=allow_empty)
 
@@ -94,7 +95,7 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
             raise ValidationError(
                 "upload the agent directory as a tar.gz archive (Content-Type application/gzip)"
             )
-        data = await request.get_data(cache=False, as_text=False)
+        data: bytes = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         if not data:
             raise ValidationError("empty archive")
         template = await host.deploy_archive(data, tenant())

@@ -73,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return serve_blocking(options)
     parser.error(f"unknown command {args.command}")
-    return 2
 
 
 if __name__ == "__main__":

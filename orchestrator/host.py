@@ -210,7 +210,7 @@ class Orchestrator:
             from .sandbox.process import ProcessSandboxProvider
 
             warm = self.config.warm_pool
-            return ProcessSandboxProvider(  # type: ignore[no-any-return]
+            return ProcessSandboxProvider(
                 Path(template.path),
                 entrypoint=spec.entrypoint,
                 command=spec.sandbox.command,
@@ -474,27 +474,37 @@ class Orchestrator:
             duration = (turn.finished_at or 0.0) - (turn.started_at or 0.0)
             self.metrics.record_turn(outcome.value, duration)
 
-    async def sandbox_crashed(self, session: Session) -> None:
-        """Restart a crashed sandbox within the restart budget, else fail the session."""
+    def crash_verdict(self, session: Session) -> bool:
+        """A sandbox died in a turn: True to restart it, False if the session failed.
+
+        Decided before the crashed turn's caller is answered, so a call made
+        right after a fatal crash already hears that the session failed.
+        """
         core = session.core
         kind = session.sandbox.kind if session.sandbox is not None else "unknown"
         if self.metrics is not None:
             self.metrics.sandbox_crashes_total.labels(kind).inc()
         if core.ended:
-            return
+            return False
+        if core.sandbox_crashed(self.clock()):
+            return True
+        reason = (
+            f"failed: its sandbox crashed more than {core.limits.restart_budget} times "
+            f"in {core.limits.restart_window:g} s"
+        )
+        for turn in core.fail(reason):
+            turn.error = SandboxCrashedError(f"session {session.session_id} {reason}")
+            turn.finished_at = self.clock()
+            notify(turn)
+        self.directory.remove(session.session_id, reason, session.tenant)
+        logger.warning("session %s %s", session.session_id, reason)
+        return False
+
+    async def replace_sandbox(self, session: Session, restart: bool) -> None:
+        """Stop a crashed sandbox and, if ``restart``, start a fresh one in its place."""
         if session.sandbox is not None:
             await session.sandbox.close()
-        if not core.sandbox_crashed(self.clock()):
-            reason = (
-                f"failed: its sandbox crashed more than {core.limits.restart_budget} times "
-                f"in {core.limits.restart_window:g} s"
-            )
-            for turn in core.fail(reason):
-                turn.error = SandboxCrashedError(f"session {session.session_id} {reason}")
-                turn.finished_at = self.clock()
-                notify(turn)
-            self.directory.remove(session.session_id, reason, session.tenant)
-            logger.warning("session %s %s", session.session_id, reason)
+        if not restart or session.core.ended:
             return
         logger.warning("session %s: sandbox crashed, restarting", session.session_id)
         try:

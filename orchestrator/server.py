@@ -113,26 +113,37 @@ async def run(
         hc.graceful_timeout = options.grace
         hc.accesslog = None
         hc.errorlog = logging.getLogger("ppio_sandbox.orchestrator.server")
+        forced = anyio.Event()
         async with anyio.create_task_group() as tg:
 
             async def serve_http() -> None:
-                await hypercorn_serve(front, hc, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+                try:
+                    await hypercorn_serve(front, hc, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+                except Exception as exc:
+                    # hypercorn's asyncio worker raises InvalidStateError when
+                    # its graceful wait is cancelled: a forced stop, not a crash.
+                    if not forced.is_set():
+                        raise
+                    logger.debug("HTTP server stopped by force: %r", exc)
                 tg.cancel_scope.cancel()
 
             tg.start_soon(serve_http)
             logger.info("orchestrator listening on %s (data in %s)", bind, options.data_dir)
             task_status.started(host)
             if install_signal_handlers:
-                await _on_signals(shutdown, host, tg.cancel_scope)
+                await _on_signals(shutdown, forced, host, tg.cancel_scope)
         logger.info("HTTP stopped; closing %d sessions", len(host.directory))
     logger.info("orchestrator stopped")
 
 
-async def _on_signals(shutdown: anyio.Event, host: Orchestrator, scope: anyio.CancelScope) -> None:
+async def _on_signals(
+    shutdown: anyio.Event, forced: anyio.Event, host: Orchestrator, scope: anyio.CancelScope
+) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if shutdown.is_set():
-                logger.warning("second signal: stopping now")
+                logger.warning("second signal: stopping now (sandboxes are still closed)")
+                forced.set()
                 scope.cancel()
                 return
             logger.info(

@@ -194,3 +194,24 @@ async def test_agent_error_is_500_and_debug_adds_traceback(tmp_path: Path) -> No
         assert err["message"] == "KeyError: 'missing'"
         assert "Traceback" in err["details"]["traceback"]
         assert (await c.post("/invocations", json={})).status_code == 500  # still serving
+
+
+async def test_disconnect_cancels_a_suspended_non_streaming_invocation(tmp_path: Path) -> None:
+    app = PPIOAgentRuntimeApp()
+    cancelled = anyio.Event()
+
+    @app.entrypoint
+    async def agent(request: dict[str, Any]) -> str:
+        with anyio.CancelScope():  # a scope of the agent's own, entered before it suspends
+            try:
+                await anyio.sleep(30)
+            finally:
+                cancelled.set()
+        return "never"
+
+    async with running(app, tmp_path / "a.sock") as c:
+        with pytest.raises(httpx.ReadTimeout):
+            await c.post("/invocations", json={}, timeout=0.3)
+        with anyio.fail_after(5):
+            await cancelled.wait()
+        assert (await c.get("/ping")).json()["status"] == "Healthy"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ async def test_turns_of_one_session_run_one_at_a_time_in_arrival_order(tmp_path:
                 await anyio.sleep(0.005)  # stagger arrivals so their order is known
         results.sort(key=lambda r: r["turn"])
         assert [r["echo"] for r in results] == list(range(8))
-        for earlier, later in zip(results, results[1:], strict=False):
+        for earlier, later in itertools.pairwise(results):
             assert earlier["ended"] <= later["started"]  # never overlapping
 
 
@@ -79,9 +80,7 @@ async def test_streaming_invocation_and_resume_from_last_event_id(tmp_path: Path
         r = await o.invoke(sid, body, **{"Idempotency-Key": key})
         assert r.headers["content-type"].startswith("text/event-stream")
         events = events_of(r.text)
-        assert [(e.id, e.json()) for e in events[:4]] == [
-            (str(i + 1), {"i": i}) for i in range(4)
-        ]
+        assert [(e.id, e.json()) for e in events[:4]] == [(str(i + 1), {"i": i}) for i in range(4)]
         assert events[4].event == "done"
         again = await o.invoke(sid, body, **{"Idempotency-Key": key, "Last-Event-ID": "2"})
         replayed = events_of(again.text)

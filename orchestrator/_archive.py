@@ -1,0 +1,307 @@
+"""Deterministic tar.gz archives of agent directories, and their safe unpacking.
+
+:func:`pack_directory` gives the same bytes for the same directory contents,
+whatever the files' mtimes, owners or the order the filesystem lists them in:
+entries are sorted, mtimes and ids zeroed, modes normalised to 0644/0755, and
+the gzip header carries no name or time. Build junk (``.git``,
+``__pycache__``, ``.venv``, tool caches, ``*.pyc``) is left out, and so is
+the ``status`` block of the top-level ``.ppio-agent.yaml``: the CLI writes it
+back after every deploy, and deploy output must not change the content.
+:func:`content_hash` hashes the *uncompressed* tar stream, so the digest does
+not depend on the gzip level or zlib build either.
+
+:func:`unpack_archive` treats its input as hostile: no absolute paths, no
+``..``, no devices or FIFOs, links only to places inside the destination,
+nothing written through a symlink, and hard limits on the total size and the
+number of entries that are enforced while decompressing (a gzip bomb is cut
+off, not inflated).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import posixpath
+import stat
+import tarfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import IO, NoReturn
+
+import yaml
+
+from ppio_sandbox.agent_runtime.errors import ValidationError
+
+__all__ = [
+    "AGENT_FILE",
+    "MAX_ARCHIVE_BYTES",
+    "MAX_ARCHIVE_FILES",
+    "SKIPPED_NAMES",
+    "content_hash",
+    "pack_directory",
+    "unpack_archive",
+]
+
+AGENT_FILE = ".ppio-agent.yaml"
+MAX_ARCHIVE_BYTES = 50 * 1024 * 1024
+MAX_ARCHIVE_FILES = 5000
+#: Names never packed nor unpacked, at any depth (plus any ``*.pyc`` file).
+SKIPPED_NAMES = frozenset(
+    {".git", "__pycache__", ".venv", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
+)
+_GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK = 1 << 16
+# Tar headers (512 B each, more with PAX records for long names) on top of the
+# file bytes: what the decompressed stream may add beyond ``max_bytes``.
+_HEADER_ALLOWANCE = 4096
+
+
+def _skipped(parts: Sequence[str]) -> bool:
+    return any(part in SKIPPED_NAMES for part in parts) or parts[-1].endswith(".pyc")
+
+
+def _inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
+
+
+def _link_leaves(parts: Sequence[str], link: str) -> bool:
+    """Whether a symlink at ``parts`` to ``link`` is absolute or climbs out lexically."""
+    lexical = posixpath.normpath(posixpath.join(*parts[:-1], link))
+    return link.startswith("/") or lexical == ".." or lexical.startswith("../")
+
+
+def _without_status(data: bytes) -> bytes:
+    """The agent file minus its top-level ``status:`` block, if that is provably all."""
+    lines = data.splitlines(keepends=True)
+    kept, skipping = [], False
+    for line in lines:
+        if line.startswith(b"status:"):
+            skipping = True
+        elif not skipping or not (line[:1] in b" \t#" or not line.strip()):
+            skipping = False
+            kept.append(line)
+    stripped = b"".join(kept)
+    if stripped == data:
+        return data
+    try:  # keep the original unless the textual cut removed exactly `status`
+        before, after = yaml.safe_load(data), yaml.safe_load(stripped)
+    except yaml.YAMLError:
+        return data
+    if isinstance(before, dict) and {k: v for k, v in before.items() if k != "status"} == after:
+        return stripped
+    return data
+
+
+def pack_directory(path: Path) -> bytes:
+    """A deterministic tar.gz of the directory at ``path``.
+
+    Symlinks are kept as symlinks and must point inside the directory;
+    anything that is not a file, directory or symlink is refused
+    (``ValidationError``).
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "agent.py").write_text("x = 1")
+    >>> pack_directory(d) == pack_directory(d)
+    True
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ValidationError(f"{root}: not a directory")
+    real_root = os.path.realpath(root)
+    entries: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        rel_base = base.relative_to(root).as_posix()
+        dirnames[:] = [d for d in dirnames if d not in SKIPPED_NAMES]
+        for name in (*dirnames, *filenames):
+            rel = name if rel_base == "." else f"{rel_base}/{name}"
+            if not _skipped(rel.split("/")):
+                entries.append((rel, base / name))
+    entries.sort()
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for rel, full in entries:
+            info = tarfile.TarInfo(rel)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            mode = full.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                target = os.readlink(full)
+                escapes = _link_leaves(rel.split("/"), target)
+                if escapes or not _inside(real_root, os.path.realpath(full)):
+                    raise ValidationError(f"{rel}: symlink to {target!r} points outside {root}")
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
+                tar.addfile(info)
+            elif stat.S_ISDIR(mode):
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            elif stat.S_ISREG(mode):
+                content = full.read_bytes()
+                if rel == AGENT_FILE:
+                    content = _without_status(content)
+                info.size, info.mode = len(content), 0o755 if mode & 0o100 else 0o644
+                tar.addfile(info, io.BytesIO(content))
+            else:
+                raise ValidationError(f"{rel}: not a regular file, directory or symlink")
+    return gzip.compress(buf.getvalue(), compresslevel=6, mtime=0)
+
+
+def content_hash(data: bytes) -> str:
+    """SHA-256 (hex) of an archive made by :func:`pack_directory`.
+
+    The uncompressed tar stream is hashed, so the same directory gives the
+    same digest on any machine. Meant for archives this module made: the
+    input is decompressed without limits.
+    """
+    raw = gzip.decompress(data) if data[:2] == _GZIP_MAGIC else data
+    return hashlib.sha256(raw).hexdigest()
+
+
+class _LimitedReader:
+    """A read-only stream that refuses to yield more than ``limit`` bytes."""
+
+    def __init__(self, raw: io.BufferedIOBase, limit: int) -> None:
+        self._raw, self._limit, self._seen = raw, limit, 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._raw.read(size)
+        self._seen += len(chunk)
+        if self._seen > self._limit:
+            _reject(f"archive expands to more than {self._limit} bytes")
+        return chunk
+
+
+def _reject(message: str) -> NoReturn:
+    raise ValidationError(message)
+
+
+def _member_parts(name: str) -> tuple[str, ...]:
+    if "\x00" in name or "\\" in name:
+        _reject(f"archive entry {name!r}: backslashes and NUL bytes are not allowed")
+    path = PurePosixPath(name)
+    if path.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        _reject(f"archive entry {name!r}: absolute paths are not allowed")
+    if ".." in path.parts:
+        _reject(f"archive entry {name!r}: '..' would leave the destination")
+    return path.parts
+
+
+def _plain_dirs(root: str, parts: Sequence[str], *, create: bool) -> str:
+    """The directory ``root/parts``, refusing any component that is not a real dir."""
+    current = root
+    for part in parts:
+        current = os.path.join(current, part)
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            if not create:
+                raise
+            os.mkdir(current, 0o755)
+            continue
+        if not stat.S_ISDIR(mode):
+            _reject(f"archive entry under {'/'.join(parts)!r} goes through a non-directory")
+    return current
+
+
+def unpack_archive(
+    data: bytes,
+    dest: Path,
+    *,
+    max_bytes: int = MAX_ARCHIVE_BYTES,
+    max_files: int = MAX_ARCHIVE_FILES,
+) -> None:
+    """Extract a tar.gz (or plain tar) into ``dest``, which must be new or empty.
+
+    Raises ``ValidationError`` for an unsafe or oversize archive: absolute
+    paths, ``..``, symlinks or hard links that lead outside ``dest``, device
+    or FIFO entries, more than ``max_files`` entries, more than ``max_bytes``
+    of file content. On error ``dest`` may hold part of the archive; the
+    caller removes it. Entries :func:`pack_directory` leaves out are skipped.
+    """
+    if len(data) > max_bytes + _HEADER_ALLOWANCE * max_files:
+        _reject(f"archive is larger than {max_bytes} bytes")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise ValueError(f"{dest} is not empty")
+    raw: io.BufferedIOBase = io.BytesIO(data)
+    if data[:2] == _GZIP_MAGIC:
+        raw = gzip.GzipFile(fileobj=raw, mode="rb")
+    stream = _LimitedReader(raw, max_bytes + _HEADER_ALLOWANCE * (max_files + 1))
+    extractor = _Extractor(os.path.realpath(dest), max_bytes)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+            for count, member in enumerate(tar, start=1):
+                if count > max_files:
+                    _reject(f"archive has more than {max_files} entries")
+                extractor.extract(tar, member)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        _reject(f"archive: not a valid tar.gz ({exc})")
+    extractor.check_symlinks()
+
+
+class _Extractor:
+    """Writes members one by one under ``root``, never through a symlink."""
+
+    def __init__(self, root: str, max_bytes: int) -> None:
+        self.root, self.max_bytes, self.total = root, max_bytes, 0
+        self.symlinks: list[tuple[str, str]] = []
+
+    def extract(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        name = member.name
+        parts = _member_parts(name)
+        if not parts or _skipped(parts):
+            return
+        try:
+            target = os.path.join(_plain_dirs(self.root, parts[:-1], create=True), parts[-1])
+            if member.isdir():
+                _plain_dirs(self.root, parts, create=True)
+            elif member.issym():
+                link = member.linkname
+                if _link_leaves(parts, link):
+                    _reject(f"archive entry {name!r}: symlink to {link!r} points outside")
+                os.symlink(link, target)
+                self.symlinks.append((name, target))
+            elif member.islnk():
+                source_parts = _member_parts(member.linkname)
+                if not source_parts:
+                    _reject(f"archive entry {name!r}: hard link to a non-file")
+                parent = _plain_dirs(self.root, source_parts[:-1], create=False)
+                source = os.path.join(parent, source_parts[-1])
+                if not stat.S_ISREG(os.lstat(source).st_mode):
+                    _reject(f"archive entry {name!r}: hard link to a non-file")
+                self._count(os.path.getsize(source))
+                _write_file(target, open(source, "rb"), os.stat(source).st_mode)  # noqa: SIM115
+            elif member.isreg() and not member.issparse():
+                self._count(member.size)
+                fileobj = tar.extractfile(member)
+                assert fileobj is not None  # a regular member always has a file object
+                _write_file(target, fileobj, member.mode)
+            else:
+                _reject(f"archive entry {name!r}: only files, directories and links are allowed")
+        except FileExistsError:
+            _reject(f"archive entry {name!r} appears twice")
+        except FileNotFoundError:
+            _reject(f"archive entry {name!r}: hard link to {member.linkname!r}, not in the archive")
+
+    def _count(self, size: int) -> None:
+        self.total += size
+        if self.total > self.max_bytes:
+            _reject(f"archive holds more than {self.max_bytes} bytes of files")
+
+    def check_symlinks(self) -> None:
+        """Symlink chains can only be judged once every link exists."""
+        for name, link in self.symlinks:
+            if not _inside(self.root, os.path.realpath(link)):
+                _reject(f"archive entry {name!r}: symlink resolves outside the destination")
+
+
+def _write_file(target: str, source: IO[bytes], mode: int) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    fd = os.open(target, flags, 0o755 if mode & 0o100 else 0o644)
+    with source, os.fdopen(fd, "wb") as out:
+        while chunk := source.read(_CHUNK):
+            out.write(chunk)
