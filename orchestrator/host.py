@@ -122,6 +122,7 @@ class Orchestrator:
         self._provider_locks: dict[str, anyio.Lock] = {}
         self._creating: dict[str, anyio.Event] = {}
         self._turn_timeouts: dict[str, float] = {}
+        self._building: set[tuple[str, str]] = set()
         self._runner = TurnRunner(self)
         self._reaper = _Reaper(self)
         self._tg: anyio.abc.TaskGroup | None = None
@@ -190,17 +191,25 @@ class Orchestrator:
     # -- templates ----------------------------------------------------------
 
     async def provider_for(self, template: Any) -> SandboxProvider:
-        """The (opened) sandbox provider of a template, created on first use."""
-        provider = self._providers.get(template.id)
+        """The (opened) sandbox provider of a template, created on first use.
+
+        Keyed by id *and* content digest: a template redeployed in place
+        under an explicit id gets a fresh provider running the new code.
+        """
+        key = f"{template.id}@{template.digest}"
+        provider = self._providers.get(key)
         if provider is not None:
             return provider
-        lock = self._provider_locks.setdefault(template.id, anyio.Lock())
+        lock = self._provider_locks.setdefault(key, anyio.Lock())
         async with lock:
-            provider = self._providers.get(template.id)
+            provider = self._providers.get(key)
             if provider is None:
+                stale = [k for k in self._providers if k.startswith(f"{template.id}@")]
+                for old in stale:
+                    self.spawn(self._providers.pop(old).aclose)
                 provider = self._make_provider(template)
                 await provider.open()
-                self._providers[template.id] = provider
+                self._providers[key] = provider
                 self._turn_timeouts[template.id] = float(template.spec.runtime.timeout)
         return provider
 
@@ -221,7 +230,9 @@ class Orchestrator:
                 cpu_limit=spec.runtime.cpu_limit,
                 start_timeout=self.config.start_timeout,
             )
-        return InProcessSandboxProvider(template.id, Path(template.path), spec.entrypoint)
+        return InProcessSandboxProvider(
+            f"{template.id}_{template.digest[:12]}", Path(template.path), spec.entrypoint
+        )
 
     async def resolve_template(self, agent_id: str, tenant: str) -> Any:
         """The tenant's template by id or name, else a shared one."""
@@ -243,7 +254,7 @@ class Orchestrator:
         """Store an uploaded template and smoke-test it in the background."""
         self._check_accepting()
         template = await self.templates.put_archive(data, tenant)
-        if template.phase in ("pending", "failed"):
+        if template.phase == "pending" and (tenant, template.id) not in self._building:
             self.spawn(self.build_template, template)
         return template
 
@@ -257,6 +268,13 @@ class Orchestrator:
     async def build_template(self, template: Any) -> None:
         """Smoke-test a template (start a sandbox, ping it): deployed or failed."""
         tenant = template.tenant
+        self._building.add((tenant, template.id))
+        try:
+            await self._build(template, tenant)
+        finally:
+            self._building.discard((tenant, template.id))
+
+    async def _build(self, template: Any, tenant: str) -> None:
         await self.templates.set_phase(template.id, "building", tenant=tenant)
         sandbox = None
         try:
@@ -294,9 +312,8 @@ class Orchestrator:
         await self.templates.delete(template.id, tenant)
 
     async def drop_provider(self, template_id: str) -> None:
-        provider = self._providers.pop(template_id, None)
-        if provider is not None:
-            await provider.aclose()
+        for key in [k for k in self._providers if k.startswith(f"{template_id}@")]:
+            await self._providers.pop(key).aclose()
 
     # -- sessions -----------------------------------------------------------
 
