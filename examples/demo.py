@@ -1,9 +1,12 @@
-"""`make demo`: start the example agents as real servers and talk to them.
+"""`make demo`: the agent runtime and the orchestrator, for real, on loopback.
 
-Starts ``simple_agent.py`` and ``streaming_agent.py`` with
-``python -m ppio_sandbox.agent_runtime`` on free loopback ports, invokes
-them (a two-turn session and a streamed answer), prints what came back, and
-stops both servers, whatever happens.
+Part 1 starts ``simple_agent.py`` and ``streaming_agent.py`` with
+``python -m ppio_sandbox.agent_runtime`` and calls them (a two-turn session
+and a streamed answer). Part 2 starts the orchestrator
+(``ppio-sandbox-cli serve``) with the ``assistant`` template, runs a
+multi-turn session, a streamed turn and a burst of concurrent sessions with
+a progress bar, prints a summary table and stops it with SIGTERM. Every
+server is stopped whatever happens.
 """
 
 from __future__ import annotations
@@ -12,13 +15,17 @@ import contextlib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import httpx
 
 HERE = Path(__file__).resolve().parent / "agent_runtime"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
 def _free_port() -> int:
@@ -31,19 +38,23 @@ def _free_port() -> int:
 def serve_agent(name: str) -> Iterator[str]:
     """Run an example agent in a subprocess; yield its base URL; always stop it."""
     port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ppio_sandbox.agent_runtime",
-            str(HERE / name),
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--log-level",
-            "WARNING",
-        ],
-    )
-    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable,
+        "-m",
+        "ppio_sandbox.agent_runtime",
+        str(HERE / name),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--log-level",
+        "WARNING",
+    ]
+    with _serving(name, command, f"http://127.0.0.1:{port}") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(name: str, command: list[str], url: str) -> Iterator[str]:
+    proc = subprocess.Popen(command)
     try:
         deadline = time.monotonic() + 20
         print(f"starting {name} on {url} ", end="", flush=True)
@@ -64,10 +75,12 @@ def serve_agent(name: str) -> Iterator[str]:
     finally:
         proc.terminate()
         try:
-            proc.wait(10)
+            code = proc.wait(40)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            code = proc.wait()
+        if code != 0:
+            print(f"{name} exited with code {code}", file=sys.stderr)
 
 
 def main() -> None:
@@ -91,7 +104,134 @@ def main() -> None:
             for line in reply.iter_lines():
                 if line.startswith("data: ") and not line.startswith('data: {"request_id"'):
                     print(f"{line[6:]} (+{time.monotonic() - started:.2f}s) ", end="", flush=True)
-        print("\ndemo finished: both agents stopped")
+        print("\nboth agents stopped\n")
+    orchestrator_demo()
+
+
+def orchestrator_demo(sessions: int = 200, turns: int = 3) -> None:
+    """Part 2: the orchestrator hosting the assistant template."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="ppio-demo-") as data:
+        command = [
+            sys.executable,
+            "-m",
+            "ppio_sandbox.orchestrator.cli",
+            "serve",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            data,
+            "--template",
+            str(TEMPLATES / "assistant"),
+            "--log-level",
+            "WARNING",
+        ]
+        url = f"http://127.0.0.1:{port}"
+        with (
+            _serving("the orchestrator", command, url),
+            httpx.Client(base_url=url, timeout=30) as http,
+        ):
+            created = http.post("/v1/sessions", json={"template_id": "assistant"})
+            created.raise_for_status()
+            sid = created.json()["session_id"]
+            print(f"session {sid}:")
+            for prompt in ("hello", "what is the weather?", "thanks"):
+                reply = http.post(f"/v1/sessions/{sid}/invocations", json={"prompt": prompt})
+                reply.raise_for_status()
+                print(
+                    f"  turn {reply.json()['result']['turn']}: {reply.json()['result']['answer']}"
+                )
+            print("  streamed: ", end="", flush=True)
+            with http.stream(
+                "POST",
+                f"/v1/sessions/{sid}/invocations",
+                json={"prompt": "stream it", "stream": True},
+            ) as reply:
+                for line in reply.iter_lines():
+                    if line.startswith("data: ") and line[6:7] == '"':
+                        print(line[7:-1], end=" ", flush=True)
+            print()
+            http.delete(f"/v1/sessions/{sid}").raise_for_status()
+            stats = anyio.run(_burst, url, sessions, turns)
+        _print_summary(stats, sessions, turns)
+
+
+async def _burst(url: str, sessions: int, turns: int) -> dict[str, Any]:
+    """``sessions`` concurrent sessions, ``turns`` turns each, with a progress bar."""
+    latencies: list[float] = []
+    errors = 0
+    done = 0
+    total = sessions * turns
+    # All sessions are started at once; 16 talk at a time. (httpcore's pool
+    # spends milliseconds of CPU per request with 64 connections and hundreds
+    # of waiting tasks: measured 5 ms/request vs 0.7 ms here.)
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    talking = anyio.CapacityLimiter(16)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+
+        async def one_session(n: int) -> None:
+            async with talking:
+                await _converse(n)
+
+        async def _converse(n: int) -> None:
+            nonlocal errors, done
+            r = await http.post("/v1/sessions", json={"template_id": "assistant"})
+            if r.status_code != 201:
+                errors += turns
+                done += turns
+                return
+            sid = r.json()["session_id"]
+            for t in range(turns):
+                started = time.perf_counter()
+                r = await http.post(
+                    f"/v1/sessions/{sid}/invocations", json={"prompt": f"s{n} t{t}"}
+                )
+                latencies.append(time.perf_counter() - started)
+                errors += r.status_code != 200 or r.json()["result"]["turn"] != t + 1
+                done += 1
+                _progress(done, total)
+            await http.delete(f"/v1/sessions/{sid}")
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for n in range(sessions):
+                tg.start_soon(one_session, n)
+        elapsed = time.perf_counter() - started
+    print(file=sys.stderr)
+    latencies.sort()
+    return {
+        "elapsed": elapsed,
+        "errors": errors,
+        "p50": latencies[len(latencies) // 2] if latencies else 0.0,
+        "p99": latencies[int(len(latencies) * 0.99)] if latencies else 0.0,
+        "turns": len(latencies),
+    }
+
+
+def _progress(done: int, total: int, width: int = 40) -> None:
+    if done != total and done % max(1, total // width):
+        return  # redraw once per step of the bar, not per turn
+    filled = width * done // total
+    bar = "#" * filled + "." * (width - filled)
+    print(f"\r  burst [{bar}] {done}/{total} turns", end="", file=sys.stderr, flush=True)
+
+
+def _print_summary(stats: dict[str, Any], sessions: int, turns: int) -> None:
+    rows = [
+        ("concurrent sessions", f"{sessions}"),
+        ("turns per session", f"{turns}"),
+        ("turns answered", f"{stats['turns']}"),
+        ("errors", f"{stats['errors']}"),
+        ("wall time", f"{stats['elapsed']:.2f} s"),
+        ("turns per second", f"{stats['turns'] / stats['elapsed']:.0f}"),
+        ("turn latency p50", f"{stats['p50'] * 1000:.1f} ms (the agent thinks 20 ms)"),
+        ("turn latency p99", f"{stats['p99'] * 1000:.1f} ms"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{'metric'.ljust(width)} | value\n{'-' * width}-|------")
+    for name, value in rows:
+        print(f"{name.ljust(width)} | {value}")
+    print("\norchestrator stopped (SIGTERM): demo finished")
 
 
 if __name__ == "__main__":
