@@ -101,13 +101,15 @@ class RuntimeASGI:
                     return
                 allowed = "GET, HEAD"
             else:
-                await self._error(scope, send, NotFoundError(f"no route {path}"), None)
+                err404 = NotFoundError(f"no route {path}")
+                await self._error(scope, send, err404, _request_id_of(scope))
                 return
             if method == "OPTIONS" and self.cors_origins:
                 await self._preflight(scope, send, allowed)
                 return
             err = MethodNotAllowedError(f"{method} not allowed on {path}; use {allowed}")
-            await self._error(scope, send, err, None, [(b"allow", allowed.encode())])
+            allow = [(b"allow", allowed.encode())]
+            await self._error(scope, send, err, _request_id_of(scope), allow)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -186,7 +188,8 @@ class RuntimeASGI:
                 )
                 await self._stream(scope, receive, send, result, ctx, started, deadline)
                 return
-            wants_msgpack = _MSGPACK in h.get("accept", b"")
+            accept = h.get("accept", b"")
+            wants_msgpack = _MSGPACK in accept or b"application/x-msgpack" in accept
             envelope = {
                 "result": result,
                 "status": "success",
@@ -560,6 +563,14 @@ class _DisconnectWatch:
         self.finished = True
         if self.scope is not None:
             self.scope.cancel()
+
+
+def _request_id_of(scope: dict[str, Any]) -> str:
+    """The caller's request id, or a new one (error paths only)."""
+    for name, value in scope["headers"]:
+        if name == b"x-ppio-request-id":
+            return str(value.decode("latin-1"))
+    return next_request_id()
 
 
 def _json_kind(value: Any) -> str:

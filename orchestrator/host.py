@@ -123,6 +123,8 @@ class Orchestrator:
         self._creating: dict[str, anyio.Event] = {}
         self._turn_timeouts: dict[str, float] = {}
         self._building: set[tuple[str, str]] = set()
+        self._resolved: dict[tuple[str, str], Any] = {}
+        self._template_generation = 0
         self._runner = TurnRunner(self)
         self._reaper = _Reaper(self)
         self._tg: anyio.abc.TaskGroup | None = None
@@ -235,13 +237,31 @@ class Orchestrator:
         )
 
     async def resolve_template(self, agent_id: str, tenant: str) -> Any:
-        """The tenant's template by id or name, else a shared one."""
+        """The tenant's template by id or name, else a shared one.
+
+        Deployed templates are cached in memory (session creation is a hot
+        path and SQLite runs in a worker thread); any template change clears
+        the cache.
+        """
+        cached = self._resolved.get((tenant, agent_id))
+        if cached is not None:
+            return cached
+        generation = self._template_generation
         try:
-            return await self.templates.resolve(agent_id, tenant)
+            template = await self.templates.resolve(agent_id, tenant)
         except TemplateNotFoundError:
             if tenant == SHARED_TENANT:
                 raise
-            return await self.templates.resolve(agent_id, SHARED_TENANT)
+            template = await self.templates.resolve(agent_id, SHARED_TENANT)
+        if template.phase == "deployed" and generation == self._template_generation:
+            if len(self._resolved) >= 4096:
+                self._resolved.clear()
+            self._resolved[(tenant, agent_id)] = template
+        return template
+
+    def _templates_changed(self) -> None:
+        self._template_generation += 1
+        self._resolved.clear()
 
     async def list_templates(self, tenant: str) -> list[Any]:
         """The tenant's own templates, then the shared ones."""
@@ -254,6 +274,7 @@ class Orchestrator:
         """Store an uploaded template and smoke-test it in the background."""
         self._check_accepting()
         template = await self.templates.put_archive(data, tenant)
+        self._templates_changed()
         if template.phase == "pending" and (tenant, template.id) not in self._building:
             self.spawn(self.build_template, template)
         return template
@@ -275,6 +296,7 @@ class Orchestrator:
             self._building.discard((tenant, template.id))
 
     async def _build(self, template: Any, tenant: str) -> None:
+        self._templates_changed()
         await self.templates.set_phase(template.id, "building", tenant=tenant)
         sandbox = None
         try:
@@ -286,6 +308,7 @@ class Orchestrator:
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             logger.warning("template %s failed its smoke test: %s", template.id, message)
             await self.drop_provider(template.id)
+            self._templates_changed()
             await self.templates.set_phase(
                 template.id, "failed", error=message, log=message[-4096:], tenant=tenant
             )
@@ -300,6 +323,7 @@ class Orchestrator:
             log=f"smoke test passed: /ping answered {answer}",
             tenant=tenant,
         )
+        self._templates_changed()
         logger.info("template %s deployed", template.id)
 
     async def delete_template(self, template: Any, tenant: str) -> None:
@@ -310,6 +334,7 @@ class Orchestrator:
                     tg.start_soon(self.close_session, session, "closed: its template was deleted")
         await self.drop_provider(template.id)
         await self.templates.delete(template.id, tenant)
+        self._templates_changed()
 
     async def drop_provider(self, template_id: str) -> None:
         for key in [k for k in self._providers if k.startswith(f"{template_id}@")]:
