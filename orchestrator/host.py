@@ -74,8 +74,16 @@ class _Reaper:
     def track(self, session: Session) -> None:
         deadline = session.core.deadline()
         heapq.heappush(self.heap, (deadline, next(self.seq), session))
+        if len(self.heap) > 2 * len(self.host.directory) + 1024:
+            self._compact()
         if deadline < self.next_at:
             self.wake.set()
+
+    def _compact(self) -> None:
+        # Entries of closed sessions (and stale deadlines) are dropped lazily
+        # when due; under churn they would pile up for a whole idle timeout.
+        self.heap = [(s.core.deadline(), next(self.seq), s) for s in self.host.directory]
+        heapq.heapify(self.heap)
 
     async def run(self) -> None:
         host = self.host
