@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,34 @@ from ppio_sandbox.orchestrator.host import Orchestrator
 from ppio_sandbox.orchestrator.server import ServeOptions, run
 
 TEMPLATES = Path(__file__).parent / "templates"
+
+_ECHO_PROCESS_YAML = """\
+apiVersion: v1
+kind: Agent
+metadata:
+  name: echo-process
+  version: "1.0.0"
+  description: The echo test agent, one process per session
+spec:
+  entrypoint: agent.py
+  runtime:
+    timeout: 5
+    memory_limit: 1Gi
+  sandbox:
+    kind: process
+    warm_pool: 1
+"""
+
+
+def template_dir(name: str, tmp_path: Path) -> Path:
+    """A test template; ``echo_process`` is ``echo``'s agent as a process template."""
+    if name != "echo_process":
+        return TEMPLATES / name
+    target = tmp_path / "templates" / name
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(TEMPLATES / "echo" / "agent.py", target / "agent.py")
+    (target / ".ppio-agent.yaml").write_text(_ECHO_PROCESS_YAML)
+    return target
 
 
 class Running:
@@ -53,7 +82,7 @@ async def orchestrator(
     opts = ServeOptions(
         bind=f"unix:{sock}",
         data_dir=tmp_path / "data",
-        templates=[TEMPLATES / name for name in templates],
+        templates=[template_dir(name, tmp_path) for name in templates],
         environ={},
         grace=5,
         **options,
