@@ -223,8 +223,10 @@ class TurnRunner:
             async for chunk in result:
                 turn.events.append(chunk)
                 notify(turn)
-                # Backpressure: wait for a live reader that fell behind.
-                while turn.readers and len(turn.events) - turn.acked >= STREAM_WINDOW:
+                # Backpressure: the agent waits for its reader. With no reader
+                # (it left; the turn is cancelled unless one returns) it waits
+                # too, so a fast generator cannot fill memory meanwhile.
+                while len(turn.events) - turn.acked >= STREAM_WINDOW:
                     await _changed(turn)
                 await anyio.lowlevel.checkpoint()
         finally:

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from ppio_sandbox.agent_runtime.sse import iter_events
+from ppio_sandbox.orchestrator.actor import STREAM_WINDOW
 from ppio_sandbox.orchestrator.session_core import SessionLimits
 
 from .conftest import orchestrator
@@ -339,7 +340,7 @@ async def test_health_and_metrics(tmp_path: Path) -> None:
 async def test_stream_reader_disconnect_cancels_the_turn(tmp_path: Path) -> None:
     async with orchestrator(tmp_path, stream_resume_grace=0.1) as o:
         sid = await o.session()
-        body = {"action": "stream", "count": 100_000, "delay": 0.01}
+        body = {"action": "stream", "count": 100_000, "delay": 0}
         async with o.client.stream("POST", f"/v1/sessions/{sid}/invocations", json=body) as r:
             async for line in r.aiter_lines():
                 if line.startswith("id: 3"):
@@ -350,6 +351,12 @@ async def test_stream_reader_disconnect_cancels_the_turn(tmp_path: Path) -> None
                 if view["turns"]["failed"] == 1:
                     break
                 await anyio.sleep(0.02)
+        core = o.host.get_session("default", sid).core
+        assert core._cache is not None
+        cancelled = next(t for t in core._cache.values() if t.streaming)
+        assert cancelled.error is not None
+        assert cancelled.error.error_type == "InvocationCancelledError"
+        assert len(cancelled.events) <= cancelled.acked + STREAM_WINDOW  # backpressure held
         state = (await o.invoke(sid, {"action": "state"})).json()["result"]["state"]
         assert state["stream_closed"] == 1  # the agent's generator was closed
         started = time.monotonic()
