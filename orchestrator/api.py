@@ -7,6 +7,7 @@ the tenant is in ``request.scope["ppio.tenant"]``.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -31,6 +32,28 @@ _ARCHIVE_TYPES = (
     "application/x-tar",
     "application/octet-stream",
 )
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_RESERVED_ENV = frozenset({"PPIO_AGENT_BIND", "PPIO_SESSION_ID"})
+
+
+def _env_vars(value: Any) -> dict[str, str]:
+    """Validate a session's ``env_vars``: an object of strings with shell-safe names."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError("env_vars must be an object of strings")
+    for name, text in value.items():
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise ValidationError(f"env_vars: {name!r} is not a valid variable name")
+        if name in _RESERVED_ENV:
+            raise ValidationError(f"env_vars: {name} is set by the orchestrator")
+        if not isinstance(text, str):
+            raise ValidationError(f"env_vars must be an object of strings; {name} is not one")
+        if "\x00" in text:
+            raise ValidationError(f"env_vars: the value of {name} contains a NUL character")
+    return value
 
 
 def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
@@ -73,6 +96,10 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
             err = NotFoundError(f"no route {request.method} {request.path}")
         elif code == 405:
             err = MethodNotAllowedError(f"{request.method} not allowed on {request.path}")
+        elif code >= 500:
+            # An unhandled exception: a server fault, never the caller's.
+            err = PPIOAgentRuntimeError("internal error; see the orchestrator's log")
+            return reply(err.to_envelope(), 500)
         else:
             err = ValidationError(exc.description or exc.name)
         return reply(err.to_envelope(), code if code in (404, 405) else 400)
@@ -120,17 +147,13 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
             isinstance(timeout, bool) or not isinstance(timeout, (int, float))
         ):
             raise ValidationError("timeout_seconds must be a number")
-        env_vars = body.get("env_vars") or {}
-        if not isinstance(env_vars, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()
-        ):
-            raise ValidationError("env_vars must be an object of strings")
-        metadata = body.get("metadata") or {}
-        if not isinstance(metadata, dict):
+        env_vars = _env_vars(body.get("env_vars"))
+        metadata = body.get("metadata")
+        if metadata is None:
+            metadata = {}
+        elif not isinstance(metadata, dict):
             raise ValidationError("metadata must be an object")
         session_id = body.get("session_id")
-        if session_id is not None and (not isinstance(session_id, str) or not session_id):
-            raise ValidationError("session_id must be a non-empty string")
         session = await host.create_session(
             tenant(),
             template_id,

@@ -30,6 +30,18 @@ logger = logging.getLogger("ppio_sandbox.orchestrator")
 _OPEN_PATHS = ("/ping", "/healthz")
 
 
+def _route_label(path: str) -> str:
+    """A low-cardinality route name for metrics (never an id)."""
+    if path.startswith("/v1/"):
+        if path.endswith("/invocations"):
+            return "invocations"
+        resource = path[4:].split("/", 1)[0]
+        return resource if resource in ("sessions", "templates") else "other"
+    if path in _OPEN_PATHS or path == "/metrics":
+        return path[1:]
+    return "other"
+
+
 class _Reply(Exception):
     def __init__(self, error: PPIOAgentRuntimeError) -> None:
         self.error = error
@@ -61,6 +73,8 @@ class FrontDoor:
             await self.api(scope, receive, send)  # lifespan, websocket: Quart's business
             return
         path: str = scope["path"]
+        if self.metrics is not None:
+            send = self._counting(send, _route_label(path))
         if path.startswith("/v1/"):
             await self._v1(scope, receive, send, path)
         elif path in _OPEN_PATHS:
@@ -69,6 +83,17 @@ class FrontDoor:
             await self._metrics(scope, send)
         else:
             await self.send_error(send, NotFoundError(f"no route {path}"), None, b"")
+
+    def _counting(self, send: Any, route: str) -> Any:
+        """``send`` that counts the reply in ``ppio_http_requests_total{route,status}``."""
+        counter = self.metrics.http_requests_total
+
+        async def counted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                counter.labels(route, message["status"]).inc()
+            await send(message)
+
+        return counted
 
     async def _v1(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
         method = scope["method"]

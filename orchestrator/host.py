@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from .session_core import Admission, SessionCore, SessionLimits, Strategy, Turn,
 
 __all__ = ["SHARED_TENANT", "Orchestrator", "OrchestratorConfig"]
 
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
 SHARED_TENANT = "shared"
 """Owner of templates registered at start-up (``serve --template``): every
 tenant can start sessions of them; only their own uploads are private."""
@@ -59,6 +62,13 @@ class OrchestratorConfig:
     a reader comes back (``Last-Event-ID``)."""
     warm_pool: int | None = None
     """Override every process template's warm pool size."""
+
+
+def check_session_id(value: object) -> str:
+    """A caller-chosen session id: 1-128 of ``A-Z a-z 0-9 . _ : -`` (it goes in URLs)."""
+    if not isinstance(value, str) or not _SESSION_ID.fullmatch(value):
+        raise ValidationError("session_id must be 1-128 characters of letters, digits and . _ : -")
+    return value
 
 
 class _Reaper:
@@ -182,17 +192,30 @@ class Orchestrator:
             raise RuntimeError("the orchestrator is not running (use `async with`)")
         self._tg.start_soon(func, *args)
 
-    async def shutdown(self, grace: float | None = None) -> None:
-        """Stop admitting, let running turns finish for ``grace`` s, close everything."""
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop admitting, let running turns finish for ``grace`` s, end every session.
+
+        Turns still waiting or running when the grace is over answer 503
+        ``ServiceUnavailableError``; every sandbox is stopped.
+        """
         self.accepting = False
         grace = self.config.shutdown_grace if grace is None else grace
-        if self.running_turns:
+        if self.running_turns and grace > 0:
             logger.info("draining %d running turns (up to %.0f s)", self.running_turns, grace)
             with anyio.move_on_after(grace):
                 await self._idle.wait()
         async with anyio.create_task_group() as tg:
             for session in self.directory:
-                tg.start_soon(self.close_session, session, "closed: the orchestrator shut down")
+                tg.start_soon(
+                    self.close_session,
+                    session,
+                    "closed: the orchestrator shut down",
+                    ServiceUnavailableError,
+                )
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """:meth:`drain`, then close every sandbox provider (warm pools)."""
+        await self.drain(grace)
         for provider in list(self._providers.values()):
             with anyio.move_on_after(10):
                 await provider.aclose()
@@ -367,7 +390,7 @@ class Orchestrator:
             raise TemplateNotFoundError(f"template {template.id} is {template.phase}, not deployed")
         if timeout_seconds is not None and not timeout_seconds > 0:
             raise ValidationError("timeout_seconds must be a positive number")
-        sid = session_id or "sess-" + secrets.token_hex(8)
+        sid = check_session_id(session_id) if session_id else "sess-" + secrets.token_hex(8)
         if self.directory.get(sid) is not None or sid in self._creating:
             raise ValidationError(f"session {sid} already exists")
         provider = await self.provider_for(template)
@@ -380,6 +403,8 @@ class Orchestrator:
         try:
             with anyio.fail_after(self.config.start_timeout):
                 session.sandbox = await provider.create(sid, env_vars)
+        except ValueError as exc:  # e.g. env_vars the sandbox refuses
+            raise ValidationError(str(exc)) from None
         except TimeoutError:
             raise ServiceUnavailableError(
                 f"sandbox for {template.id} did not start in {self.config.start_timeout:g} s"
@@ -425,18 +450,23 @@ class Orchestrator:
     def list_sessions(self, tenant: str) -> list[Session]:
         return [s for s in self.directory if s.tenant == tenant]
 
-    async def close_session(self, session: Session, reason: str = "closed by the caller") -> None:
-        """End a session: fail what waits, cancel what runs, stop the sandbox."""
+    async def close_session(
+        self,
+        session: Session,
+        reason: str = "closed by the caller",
+        error: type[PPIOAgentRuntimeError] = SessionNotFoundError,
+    ) -> None:
+        """End a session: fail what waits, cancel what runs (with ``error``), stop the sandbox."""
         core = session.core
         if core.ended:
             return
         for turn in core.begin_close(reason):
-            turn.error = SessionNotFoundError(f"session {session.session_id} {reason}")
+            turn.error = error(f"session {session.session_id} {reason}")
             turn.finished_at = self.clock()
             notify(turn)
         running = core.running
         if running is not None and running.cancel is not None:
-            running.error = SessionNotFoundError(f"session {session.session_id} {reason}")
+            running.error = error(f"session {session.session_id} {reason}")
             running.cancel()
         session.kick()
         self.directory.remove(session.session_id, reason, session.tenant)

@@ -110,7 +110,10 @@ async def run(
         front = FrontDoor(host, api, authenticator, metrics=host.metrics)
         hc = Config()
         hc.bind = [bind]
-        hc.graceful_timeout = options.grace
+        # Turns are drained by the orchestrator while HTTP still answers (so a
+        # turn cut off at the end of the grace gets a 503 envelope); hypercorn
+        # then only has replies in flight to finish.
+        hc.graceful_timeout = min(options.grace, 5.0)
         hc.accesslog = None
         hc.errorlog = logging.getLogger("ppio_sandbox.orchestrator.server")
         forced = anyio.Event()
@@ -131,28 +134,43 @@ async def run(
             logger.info("orchestrator listening on %s (data in %s)", bind, options.data_dir)
             task_status.started(host)
             if install_signal_handlers:
-                await _on_signals(shutdown, forced, host, tg.cancel_scope)
+                await _on_signals(shutdown, forced, host, tg, options.grace)
         logger.info("HTTP stopped; closing %d sessions", len(host.directory))
+        with anyio.CancelScope(shield=True):
+            await host.shutdown(grace=0)
     logger.info("orchestrator stopped")
 
 
 async def _on_signals(
-    shutdown: anyio.Event, forced: anyio.Event, host: Orchestrator, scope: anyio.CancelScope
+    shutdown: anyio.Event,
+    forced: anyio.Event,
+    host: Orchestrator,
+    tg: anyio.abc.TaskGroup,
+    grace: float,
 ) -> None:
+    """First signal: drain, then stop HTTP. Second: stop now (sandboxes still closed)."""
+
+    async def drain_then_stop() -> None:
+        await host.drain(grace)
+        shutdown.set()
+
+    draining = False
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            if shutdown.is_set():
+            if draining:
                 logger.warning("second signal: stopping now (sandboxes are still closed)")
                 forced.set()
-                scope.cancel()
+                tg.cancel_scope.cancel()
                 return
+            draining = True
             logger.info(
-                "%s: no new turns; draining %d running",
+                "%s: no new turns; draining %d running (up to %.0f s)",
                 signal.Signals(signum).name,
                 host.running_turns,
+                grace,
             )
             host.accepting = False
-            shutdown.set()
+            tg.start_soon(drain_then_stop)
 
 
 def serve_blocking(options: ServeOptions) -> int:

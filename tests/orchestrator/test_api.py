@@ -335,6 +335,9 @@ async def test_health_and_metrics(tmp_path: Path) -> None:
         assert 'ppio_turns_total{outcome="error"} 1' in metrics
         assert 'ppio_sessions{state="ready"} 1' in metrics
         assert "ppio_turn_duration_seconds_count 2" in metrics
+        assert 'ppio_http_requests_total{route="invocations",status="200"} 1' in metrics
+        assert 'ppio_http_requests_total{route="invocations",status="500"} 1' in metrics
+        assert 'ppio_http_requests_total{route="sessions",status="201"} 1' in metrics
 
 
 async def test_stream_reader_disconnect_cancels_the_turn(tmp_path: Path) -> None:
