@@ -419,6 +419,10 @@ class SessionCore:
             self.turns_ok += 1
         else:
             self.turns_failed += 1
+        if outcome is TurnOutcome.CRASHED:
+            # The sandbox died under it: a retry with the same key must run
+            # it again on the restarted sandbox, not replay the 502.
+            self._forget(turn)
         if self.running is turn:
             self.running = None
             if self.state is SessionState.BUSY:
@@ -429,9 +433,7 @@ class SessionCore:
         """Drop a turn still waiting in the mailbox (its caller went away)."""
         if self._mailbox and turn in self._mailbox:
             self._mailbox.remove(turn)
-            # It never ran: a retry with the same key must run it, not replay this.
-            if self._cache is not None and self._cache.get(turn.key) is turn:
-                del self._cache[turn.key]
+            self._forget(turn)  # it never ran: a retry must run it, not replay this
             turn.error = InvocationCancelledError("the caller went away before the turn ran")
             turn.finished_at = now
             return True
@@ -452,6 +454,10 @@ class SessionCore:
             del cache[key]
             return None
         return hit
+
+    def _forget(self, turn: Turn) -> None:
+        if self._cache is not None and self._cache.get(turn.key) is turn:
+            del self._cache[turn.key]
 
     def _remember(self, turn: Turn, now: float) -> None:
         if self._cache is None:

@@ -977,3 +977,14 @@ def test_containers_are_allocated_only_when_used() -> None:
     assert core._restarts is None
     core.sandbox_crashed(2.0)
     assert core._restarts is not None
+
+
+def test_a_crashed_turn_is_forgotten_so_a_retry_runs_it_again() -> None:
+    core = make_core()
+    first = admit(core, "k", 0.0)
+    assert core.next_turn(0.0) is first
+    core.finish(first, TurnOutcome.CRASHED, 1.0)
+    again = Turn("k", first.body_hash, {}, request_id="r2", submitted_at=2.0)
+    admission, turn, _ = core.admit(again, Strategy.ENQUEUE, 2.0)
+    assert admission is Admission.QUEUED
+    assert turn is again

@@ -1,0 +1,114 @@
+"""Client configuration: one plain object, with the environment as a fallback.
+
+>>> config = ClientConfig(base_url="http://127.0.0.1:8900", timeout=60, max_retries=2)
+>>> config.timeout, config.wire
+(60, 'json')
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "API_KEY_ENV",
+    "API_SECRET_ENV",
+    "BASE_URL_ENV",
+    "DEFAULT_BASE_URL",
+    "ClientConfig",
+    "resolve_credentials",
+]
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8900"
+BASE_URL_ENV = "PPIO_BASE_URL"
+API_KEY_ENV = "PPIO_API_KEY"
+API_SECRET_ENV = "PPIO_API_SECRET"
+
+Wire = Literal["json", "msgpack"]
+
+
+def _base_url_from_env() -> str:
+    return os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How an :class:`AgentRuntimeClient` talks to the orchestrator.
+
+    ``base_url`` defaults to ``$PPIO_BASE_URL``, else ``http://127.0.0.1:8900``.
+
+    Times are seconds. ``timeout`` is the deadline of every call (retries and,
+    for a stream, every chunk included); ``None`` means no deadline, and a
+    call may pass its own ``timeout`` (``float("inf")``: none for that call).
+    ``connect_timeout`` bounds opening a
+    connection. Failed calls are retried ``max_retries`` times when that is
+    safe (see ``_retry.py``), waiting ``retry_backoff * 2**attempt`` at most
+    (capped by ``retry_max_backoff``, full jitter) or what ``Retry-After``
+    says. ``enable_cache``/``cache_ttl`` govern the template cache. ``wire``
+    picks the encoding of invocation bodies and replies (``"json"`` or
+    ``"msgpack"``; streams are always Server-Sent Events with JSON data).
+    ``deploy_timeout`` bounds :meth:`AgentRuntimeClient.deploy_template`'s
+    wait for a build. ``headers`` are added to every request.
+    """
+
+    base_url: str = field(default_factory=_base_url_from_env)
+    timeout: float | None = 300
+    max_retries: int = 3
+    enable_cache: bool = True
+    cache_ttl: float = 300
+    connect_timeout: float = 5
+    retry_backoff: float = 0.2
+    retry_max_backoff: float = 10.0
+    wire: Wire = "json"
+    max_connections: int = 100
+    max_keepalive_connections: int = 20
+    deploy_timeout: float = 300
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds, or None")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        for name in ("cache_ttl", "retry_backoff", "retry_max_backoff"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("connect_timeout", "deploy_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.wire not in ("json", "msgpack"):
+            raise ValueError(f"wire must be 'json' or 'msgpack', got {self.wire!r}")
+
+    def deadline_seconds(self, timeout: float | None) -> float:
+        """A call's time budget: its own ``timeout``, else the configured one (inf: none)."""
+        value = self.timeout if timeout is None else timeout
+        if value is None:
+            return math.inf
+        if not value > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        return float(value)
+
+
+def resolve_credentials(
+    api_key: str | None, api_secret: str | None, environ: Mapping[str, str] | None = None
+) -> tuple[str | None, str | None]:
+    """The key and secret to use: the arguments, else ``$PPIO_API_KEY``/``$PPIO_API_SECRET``.
+
+    The environment's secret is only paired with the environment's key: a key
+    passed as an argument is never signed with a secret it was not given with.
+
+    >>> resolve_credentials("k", None, {"PPIO_API_KEY": "x", "PPIO_API_SECRET": "y"})
+    ('k', None)
+    >>> resolve_credentials(None, None, {"PPIO_API_KEY": "x", "PPIO_API_SECRET": "y"})
+    ('x', 'y')
+    """
+    env = os.environ if environ is None else environ
+    if api_key is None:
+        return env.get(API_KEY_ENV) or None, api_secret or env.get(API_SECRET_ENV) or None
+    return api_key, api_secret

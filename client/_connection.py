@@ -1,0 +1,225 @@
+"""One keep-alive HTTP connection pool to the orchestrator, and the rules of a call.
+
+:class:`ApiConnection` owns the ``httpx.AsyncClient``. Every call it makes:
+
+- carries an ``Idempotency-Key`` (one per logical call, the same on every retry);
+- runs under a deadline (an anyio cancel scope), past which it raises
+  :class:`InvocationTimeoutError` at once;
+- is retried as :mod:`._retry` allows;
+- turns the server's error envelope into the exception class the server
+  named (:func:`error_from_envelope`), and a transport failure into a
+  :class:`ServiceUnavailableError` ("cannot reach ...") or
+  :class:`InvocationTimeoutError`, with the httpx exception chained.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+import anyio
+import httpx
+
+from ppio_sandbox.agent_runtime.errors import (
+    InvocationTimeoutError,
+    PPIOAgentRuntimeError,
+    ServiceUnavailableError,
+    TooManyRequestsError,
+    error_from_envelope,
+)
+from ppio_sandbox.agent_runtime.protocol import (
+    CONTENT_JSON,
+    CONTENT_MSGPACK,
+    HEADER_IDEMPOTENCY_KEY,
+    HEADER_REQUEST_ID,
+    decode_json,
+    decode_msgpack,
+    encode_json,
+)
+
+from ._config import ClientConfig
+from ._models import PreparedInvocation, new_key
+from ._retry import RetryPolicy, parse_retry_after, send_with_retries
+
+__all__ = ["ApiConnection", "decode_reply", "error_from_response", "is_event_stream"]
+
+_USER_AGENT = "ppio-sandbox-client/0.1"
+
+
+def is_event_stream(response: httpx.Response) -> bool:
+    ctype: str = response.headers.get("content-type", "")
+    return ctype.startswith("text/event-stream")
+
+
+def decode_reply(response: httpx.Response) -> Any:
+    """The body of a read response: msgpack or JSON by its Content-Type."""
+    data = response.content
+    if not data:
+        return None
+    ctype = response.headers.get("content-type", "")
+    if ctype.startswith(CONTENT_MSGPACK):
+        return decode_msgpack(data)
+    return decode_json(data)
+
+
+def error_from_response(response: httpx.Response) -> PPIOAgentRuntimeError:
+    """The exception a (read) error response describes."""
+    try:
+        body = decode_reply(response)
+    except Exception:  # not JSON: a proxy's HTML page, plain text...
+        body = None
+    if not isinstance(body, dict) or "error" not in body:
+        text = response.text.strip()[:200] if response.content else response.reason_phrase
+        body = {"error": f"HTTP {response.status_code} from {response.url.path}: {text}"}
+    exc = error_from_envelope(response.status_code, body)
+    if exc.request_id is None:
+        exc.request_id = response.headers.get(HEADER_REQUEST_ID)
+    if isinstance(exc, TooManyRequestsError):
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if retry_after is not None:
+            exc.retry_after = retry_after
+    return exc
+
+
+class ApiConnection:
+    """The HTTP side of a client: a pooled ``httpx.AsyncClient`` plus call rules."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        auth: httpx.Auth | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.retry = RetryPolicy(
+            max_retries=config.max_retries, base=config.retry_backoff, cap=config.retry_max_backoff
+        )
+        # No httpx read/pool timeouts: each call's deadline is an anyio cancel scope.
+        self.http = httpx.AsyncClient(
+            base_url=config.base_url,
+            auth=auth,
+            transport=transport,
+            timeout=httpx.Timeout(None, connect=config.connect_timeout),
+            limits=httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_keepalive_connections,
+            ),
+            headers={"User-Agent": _USER_AGENT, **config.headers},
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    def deadline(self, timeout: float | None) -> tuple[float, float]:
+        """``(absolute deadline, seconds)`` for a call with this ``timeout``."""
+        seconds = self.config.deadline_seconds(timeout)
+        return anyio.current_time() + seconds, seconds
+
+    # -- sending ------------------------------------------------------------
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        content_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        idempotent: bool,
+        deadline: float = math.inf,
+    ) -> httpx.Response:
+        """Send with retries; the response is open (streamed) and its status < 400.
+
+        The caller reads or closes it. An error status is read, closed and
+        raised as the server's exception; a transport error is translated.
+        """
+        all_headers = {HEADER_IDEMPOTENCY_KEY: new_key(), HEADER_REQUEST_ID: new_key()}
+        all_headers.update(headers or {})
+        if content_type is not None:
+            all_headers["Content-Type"] = content_type
+
+        async def attempt() -> httpx.Response:
+            request = self.http.build_request(
+                method, path, content=content, headers=all_headers, params=params
+            )
+            return await self.http.send(request, stream=True)
+
+        try:
+            response = await send_with_retries(
+                attempt, self.retry, idempotent=idempotent, deadline=deadline
+            )
+        except httpx.TransportError as exc:
+            self.raise_transport_error(exc)
+        if response.status_code >= 400:
+            try:
+                await response.aread()
+            except httpx.TransportError as exc:
+                self.raise_transport_error(exc)
+            finally:
+                await response.aclose()
+            raise error_from_response(response)
+        return response
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        idempotent: bool | None = None,
+        timeout: float | None = None,
+        content: bytes | None = None,
+        content_type: str | None = None,
+    ) -> Any:
+        """A management call: JSON ``body`` in, the decoded reply out, under a deadline."""
+        if body is not None:
+            content, content_type = encode_json(body), CONTENT_JSON
+        deadline, seconds = self.deadline(timeout)
+        if idempotent is None:
+            idempotent = method in ("GET", "HEAD")
+        with anyio.CancelScope(deadline=deadline):
+            response = await self.send(
+                method,
+                path,
+                content=content,
+                content_type=content_type,
+                idempotent=idempotent,
+                deadline=deadline,
+            )
+            try:
+                await response.aread()
+            except httpx.TransportError as exc:
+                self.raise_transport_error(exc)
+            finally:
+                await response.aclose()
+            return decode_reply(response)
+        raise InvocationTimeoutError(f"{method} {path}: no reply within {seconds:g} s")
+
+    async def open_invocation(self, inv: PreparedInvocation) -> httpx.Response:
+        """Send an invocation; the open response (JSON envelope or event stream).
+
+        The caller holds the deadline's cancel scope.
+        """
+        return await self.send(
+            "POST",
+            inv.path,
+            content=inv.body,
+            content_type=inv.content_type,
+            headers=inv.headers,
+            params=inv.params,
+            idempotent=True,  # the server deduplicates on the Idempotency-Key
+            deadline=inv.deadline,
+        )
+
+    def raise_transport_error(self, exc: httpx.TransportError) -> NoReturn:
+        """Raise the package's exception for an httpx transport failure."""
+        where = self.config.base_url
+        detail = str(exc) or type(exc).__name__
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            raise ServiceUnavailableError(f"cannot reach {where}: {detail}") from exc
+        if isinstance(exc, httpx.TimeoutException):
+            raise InvocationTimeoutError(f"{where} did not answer in time: {detail}") from exc
+        raise ServiceUnavailableError(f"lost the connection to {where}: {detail}") from exc

@@ -1,0 +1,41 @@
+"""The public surface: names, lazy re-exports, dependency direction, doctests."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+import ppio_sandbox.client as client_pkg
+
+MODULES = ["_archive", "_auth", "_config", "_models", "_retry"]
+
+
+def test_every_public_name_resolves_and_the_runtime_re_exports_the_client() -> None:
+    for name in client_pkg.__all__:
+        assert getattr(client_pkg, name) is not None
+    import ppio_sandbox.agent_runtime as runtime
+
+    for name in ("AgentRuntimeClient", "AuthManager", "ClientConfig", "SandboxSession",
+                 "SyncAgentRuntimeClient", "TemplateManager"):  # fmt: skip
+        assert getattr(runtime, name) is getattr(client_pkg, name)
+
+
+def test_the_client_never_imports_the_orchestrator() -> None:
+    code = (
+        "import sys, ppio_sandbox.client;"
+        "bad = [m for m in sys.modules if m.startswith('ppio_sandbox.orchestrator')];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_docstring_examples(module: str) -> None:
+    mod = importlib.import_module(f"ppio_sandbox.client.{module}")
+    result = doctest.testmod(mod)
+    assert result.failed == 0
+    assert result.attempted > 0

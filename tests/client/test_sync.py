@@ -1,0 +1,81 @@
+"""The blocking facade, from plain synchronous code."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from anyio.from_thread import start_blocking_portal
+
+from ppio_sandbox.client import (
+    ClientConfig,
+    InvocationError,
+    SessionNotFoundError,
+    SyncAgentRuntimeClient,
+)
+
+from .conftest import Running, orchestrator
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Running]:
+    """An orchestrator running on an event loop in a background thread."""
+    with (
+        start_blocking_portal("asyncio") as portal,
+        portal.wrap_async_context_manager(orchestrator(tmp_path)) as running,
+    ):
+        yield running
+
+
+def sync_client(o: Running, backend: str = "asyncio", **config: object) -> SyncAgentRuntimeClient:
+    return SyncAgentRuntimeClient(
+        config=ClientConfig(base_url="http://orchestrator", **config),  # type: ignore[arg-type]
+        transport=httpx.AsyncHTTPTransport(uds=str(o.sock)),
+        backend=backend,
+    )
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_sync_client_invokes_streams_and_manages_sessions(served: Running, backend: str) -> None:
+    threads_before = threading.active_count()
+    with sync_client(served, backend) as client:
+        assert client.invoke_agent("echo", "hello").result["echo"] == "hello"
+        assert [t.name for t in client.list_templates()] == ["echo"]
+        chunks = list(client.stream_agent("echo", {"action": "stream", "count": 3}))
+        assert chunks == [{"i": 0}, {"i": 1}, {"i": 2}]
+        with client.invoke_agent("echo", {"action": "stream", "count": 2}, stream=True) as s:
+            assert list(s) == [{"i": 0}, {"i": 1}]
+
+        with client.create_session("echo", timeout_seconds=60) as session:
+            assert session.invoke("one").result["turn"] == 1
+            assert list(session.stream({"action": "stream", "count": 2})) == [{"i": 0}, {"i": 1}]
+            assert session.invoke("three").result["turn"] == 3
+            assert session.pause().status == "paused"
+            assert session.resume().status == "ready"
+            assert session.ping()["status"] == "Healthy"
+        with pytest.raises(SessionNotFoundError):
+            session.invoke("late")
+        with pytest.raises(InvocationError, match="on purpose"):
+            client.invoke_agent("echo", {"action": "fail"})
+        runtime = client.invoke_agent_runtime("echo", b'{"prompt": "raw"}')
+        assert runtime["response"]["echo"] == "raw"
+        client.close_session(runtime["runtimeSessionId"])
+    assert threading.active_count() == threads_before  # the loop thread is gone
+
+
+def test_sync_client_is_shared_by_threads(served: Running) -> None:
+    results: list[int] = []
+    with sync_client(served) as client, client.create_session("echo") as session:
+
+        def worker() -> None:
+            results.append(session.invoke({"action": "sleep", "seconds": 0.05}).result["turn"])
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(results) == [1, 2, 3, 4]  # one session, turns in order
