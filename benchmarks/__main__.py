@@ -98,10 +98,15 @@ def _run(args: argparse.Namespace) -> int:
     for result in results:
         for note in result.notes:
             print(f"\n{result.name}: {note}")
-    failed = [r for result in results for r in result.rows if r.errors or not r.rps.min]
+    failed = [
+        f"{r.scenario} {r.backend} {r.subject}"
+        for result in results
+        for r in result.rows
+        if r.errors or not r.rps.min
+    ]
+    failed += [failure for result in results for failure in result.failures]
     if failed:
-        names = ", ".join(f"{r.backend} {r.subject}" for r in failed)
-        print(f"\nwarning: request errors or no requests in: {names}", file=sys.stderr)
+        print(f"\nwarning: request errors or no requests in: {', '.join(failed)}", file=sys.stderr)
     if args.json:
         report.write_json(args.json, results, meta)
         print(f"\nwrote {args.json}", file=sys.stderr)

@@ -7,6 +7,19 @@ counted; the result is printed as one JSON object on stdout::
 
     python -m benchmarks.loadgen --port 8000 --connections 64 --warmup 2 --duration 5
 
+Each connection sends its own ``X-PPIO-Session-Id: <prefix><index>`` (default
+prefix ``bench-``), so an orchestrator's AgentCore-style route
+(``--path /v1/agents/<template>/invocations``) creates one session per
+connection on first use and reuses it after. ``--unix PATH`` connects to a
+Unix socket instead of TCP.
+
+``--churn TEMPLATE`` measures session churn instead: each connection loops
+over cycles of ``POST /v1/sessions`` (``{"template_id": TEMPLATE,
+"session_id": ...}``, a fresh id per cycle), ``POST
+/v1/sessions/<id>/invocations`` and ``DELETE /v1/sessions/<id>``; a latency
+is one whole cycle, ``rps`` counts cycles per second, and any 2xx status is
+a success.
+
 It also reports its own CPU use over the measured window (and the server's,
 given ``--server-pid`` on Linux): a load generator near 100 % of one core is
 the bottleneck and its figures are a lower bound.
@@ -45,6 +58,11 @@ class Options:
     duration: float = 5.0
     server_pid: int | None = None
     io_timeout: float = 10.0
+    unix: str | None = None
+    """Connect to this Unix socket instead of ``host:port``."""
+    session_prefix: str = "bench-"
+    churn: str | None = None
+    """Template id: run create / invoke / delete session cycles instead."""
 
 
 @dataclass
@@ -64,10 +82,52 @@ def build_request(opts: Options, index: int) -> bytes:
         f"Host: {opts.host}:{opts.port}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(opts.body)}\r\n"
-        f"X-PPIO-Session-Id: bench-{index}\r\n"
+        f"X-PPIO-Session-Id: {opts.session_prefix}{index}\r\n"
         "\r\n"
     )
     return head.encode("latin-1") + opts.body
+
+
+def _request(opts: Options, method: str, path: str, body: bytes) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: {opts.host}:{opts.port}\r\n"
+    if body or method == "POST":
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode("latin-1") + body
+
+
+def churn_requests(opts: Options, session_id: str) -> tuple[bytes, bytes, bytes]:
+    """One churn cycle: create the session, invoke it once, delete it."""
+    create = json.dumps({"template_id": opts.churn, "session_id": session_id}).encode()
+    return (
+        _request(opts, "POST", "/v1/sessions", create),
+        _request(opts, "POST", f"/v1/sessions/{session_id}/invocations", opts.body),
+        _request(opts, "DELETE", f"/v1/sessions/{session_id}", b""),
+    )
+
+
+async def _open(opts: Options) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if opts.unix is not None:
+        return await asyncio.wait_for(asyncio.open_unix_connection(opts.unix), opts.io_timeout)
+    return await asyncio.wait_for(asyncio.open_connection(opts.host, opts.port), opts.io_timeout)
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[bytes, bool]:
+    """Send one request, read its whole response: ``(status, connection closes)``.
+
+    Raises ValueError when the response has no ``content-length``.
+    """
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    at = lower.find(b"\r\ncontent-length:")
+    if at < 0:
+        raise ValueError("no content-length")
+    size = int(lower[at + 17 : lower.index(b"\r\n", at + 17)])
+    if size:
+        await reader.readexactly(size)
+    return head[9:12], b"\r\nconnection: close" in lower
 
 
 async def _connection(opts: Options, state: _State, index: int) -> None:
@@ -77,9 +137,7 @@ async def _connection(opts: Options, state: _State, index: int) -> None:
     latencies = state.latencies
     while not state.stop:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(opts.host, opts.port), opts.io_timeout
-            )
+            reader, writer = await _open(opts)
         except (OSError, TimeoutError) as exc:
             _error(state, f"connect: {type(exc).__name__}")
             await asyncio.sleep(0.05)  # back off; the server may be overloaded
@@ -88,28 +146,64 @@ async def _connection(opts: Options, state: _State, index: int) -> None:
         try:
             while not state.stop:
                 started = clock()
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                lower = head.lower()
-                at = lower.find(b"\r\ncontent-length:")
-                if at < 0:
-                    _error(state, "no content-length")
-                    break
-                size = int(lower[at + 17 : lower.index(b"\r\n", at + 17)])
-                if size:
-                    await reader.readexactly(size)
+                status, close = await _exchange(reader, writer, request)
                 done = clock()
-                if head[9:12] != b"200":
-                    _error(state, f"status {head[9:12].decode('latin-1')}")
+                if status != b"200":
+                    _error(state, f"status {status.decode('latin-1')}")
                 elif state.start_ns <= done < state.end_ns:
                     latencies.append(done - started)
-                if b"\r\nconnection: close" in lower:
+                if close:
                     break
         except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
             if not state.stop:
                 _error(state, type(exc).__name__)
         finally:
             writer.close()
+
+
+async def _churn_connection(opts: Options, state: _State, index: int) -> None:
+    """Closed-loop session cycles (create, invoke, delete) over one keep-alive link."""
+    clock = time.perf_counter_ns
+    latencies = state.latencies
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    cycle = 0
+    try:
+        while not state.stop:
+            cycle += 1
+            requests = churn_requests(opts, f"{opts.session_prefix}{index}-{cycle}")
+            started = clock()
+            ok = True
+            for request in requests:
+                if conn is None:
+                    try:
+                        conn = await _open(opts)
+                    except (OSError, TimeoutError) as exc:
+                        _error(state, f"connect: {type(exc).__name__}")
+                        await asyncio.sleep(0.05)
+                        ok = False
+                        break
+                    state.connects += 1
+                try:
+                    status, close = await _exchange(*conn, request)
+                except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
+                    if not state.stop:
+                        _error(state, type(exc).__name__)
+                    conn[1].close()
+                    conn = None
+                    ok = False
+                    break
+                if not status.startswith(b"2"):
+                    _error(state, f"status {status.decode('latin-1')}")
+                    ok = False
+                if close:
+                    conn[1].close()
+                    conn = None
+            done = clock()
+            if ok and state.start_ns <= done < state.end_ns:
+                latencies.append(done - started)
+    finally:
+        if conn is not None:
+            conn[1].close()
 
 
 def _error(state: _State, kind: str) -> None:
@@ -121,6 +215,39 @@ def _error(state: _State, kind: str) -> None:
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found += [int(child) for child in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU time of a process and its live descendants (e.g. the orchestrator's
+    process sandboxes), or ``None`` when the process is gone."""
+    total = process_cpu_seconds(pid)
+    if total is None:
+        return None
+    pending = _children(pid)
+    seen = {pid}
+    while pending:
+        child = pending.pop()
+        if child in seen:
+            continue
+        seen.add(child)
+        total += process_cpu_seconds(child) or 0.0
+        pending += _children(child)
+    return total
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -174,13 +301,16 @@ async def run(opts: Options) -> dict[str, Any]:
     now = time.perf_counter_ns()
     start_ns = now + int(opts.warmup * 1e9)
     state = _State(start_ns=start_ns, end_ns=start_ns + int(opts.duration * 1e9))
-    tasks = [asyncio.create_task(_connection(opts, state, i)) for i in range(opts.connections)]
+    client = _churn_connection if opts.churn else _connection
+    tasks = [asyncio.create_task(client(opts, state, i)) for i in range(opts.connections)]
     try:
         await asyncio.sleep(opts.warmup)
         system0 = system_cpu_busy()
+        own0 = _server_own_cpu(opts)
         cpu0, server0, wall0 = _cpu_seconds(), _server_cpu(opts), time.perf_counter()
         await asyncio.sleep(max(0.0, (state.end_ns - time.perf_counter_ns()) / 1e9))
         cpu1, server1, wall1 = _cpu_seconds(), _server_cpu(opts), time.perf_counter()
+        own1 = _server_own_cpu(opts)
         system1 = system_cpu_busy()
         state.stop = True
         _, pending = await asyncio.wait(tasks, timeout=opts.io_timeout)
@@ -194,6 +324,7 @@ async def run(opts: Options) -> dict[str, Any]:
     server_cpu = (
         None if server0 is None or server1 is None else 100.0 * (server1 - server0) / window
     )
+    own_cpu = None if own0 is None or own1 is None else 100.0 * (own1 - own0) / window
     busy = _busy_percent(system0, system1)
     other = None
     if busy is not None and server_cpu is not None:
@@ -212,11 +343,13 @@ async def run(opts: Options) -> dict[str, Any]:
         "max": round(percentile(ordered, 1.0) * ms, 3),
         "mean": round(sum(ordered) / len(ordered) * ms, 3) if ordered else 0.0,
         "connections": opts.connections,
+        "mode": "churn" if opts.churn else "requests",
         "connects": state.connects,
         "stuck_connections": len(pending),
         "warmup": opts.warmup,
         "loadgen_cpu_percent": round(cpu, 1),
         "server_cpu_percent": None if server_cpu is None else round(server_cpu, 1),
+        "server_own_cpu_percent": None if own_cpu is None else round(own_cpu, 1),
         "loadgen_saturated": cpu >= SATURATED_CPU,
         "cpu_busy_percent": busy,
         "other_cpu_percent": None if other is None else round(other, 1),
@@ -229,8 +362,13 @@ def _affinity() -> list[int] | None:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
-def _server_cpu(opts: Options) -> float | None:
+def _server_own_cpu(opts: Options) -> float | None:
+    """The server process alone, without its children."""
     return None if opts.server_pid is None else process_cpu_seconds(opts.server_pid)
+
+
+def _server_cpu(opts: Options) -> float | None:
+    return None if opts.server_pid is None else tree_cpu_seconds(opts.server_pid)
 
 
 def _loop_name() -> str:
@@ -260,6 +398,12 @@ def command(opts: Options) -> list[str]:
     ]
     if opts.server_pid is not None:
         argv += ["--server-pid", str(opts.server_pid)]
+    if opts.unix is not None:
+        argv += ["--unix", opts.unix]
+    if opts.session_prefix != Options.session_prefix:
+        argv += ["--session-prefix", opts.session_prefix]
+    if opts.churn is not None:
+        argv += ["--churn", opts.churn]
     return argv
 
 
@@ -272,7 +416,16 @@ def _parse(argv: list[str] | None) -> Options:
     p.add_argument("-c", "--connections", type=int, default=64)
     p.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds")
-    p.add_argument("--server-pid", type=int, help="report this process's CPU use too")
+    p.add_argument(
+        "--server-pid", type=int, help="report this process's CPU use too (with its children)"
+    )
+    p.add_argument("--unix", metavar="PATH", help="connect to this Unix socket instead")
+    p.add_argument(
+        "--session-prefix", default="bench-", help="X-PPIO-Session-Id is PREFIX<connection>"
+    )
+    p.add_argument(
+        "--churn", metavar="TEMPLATE", help="create / invoke / delete session cycles instead"
+    )
     a = p.parse_args(argv)
     if a.connections < 1 or a.duration <= 0 or a.warmup < 0:
         p.error("need --connections >= 1, --duration > 0, --warmup >= 0")
@@ -285,6 +438,9 @@ def _parse(argv: list[str] | None) -> Options:
         warmup=a.warmup,
         duration=a.duration,
         server_pid=a.server_pid,
+        unix=a.unix,
+        session_prefix=a.session_prefix,
+        churn=a.churn,
     )
 
 

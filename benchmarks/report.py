@@ -7,9 +7,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .core import Row, ScenarioResult, Spread
+from .core import Measure, Row, ScenarioResult, Spread
 
-__all__ = ["markdown", "table", "write_json", "write_report"]
+__all__ = ["markdown", "measures_table", "table", "write_json", "write_report"]
 
 _HEADER = (
     "| scenario | backend | subject | req/s (min-max) | p50 ms | p99 ms (min-max) "
@@ -30,11 +30,10 @@ def _ratio(value: float | None, ok: bool) -> str:
 def _row(row: Row) -> str:
     verdict = row.meets_targets
     target = ""
-    rps_ok = p99_ok = True
-    if row.targets is not None and row.rps_ratio is not None and row.p99_ratio is not None:
-        rps_ok = row.rps_ratio >= row.targets.min_rps_ratio
-        p99_ok = row.p99_ratio <= row.targets.max_p99_ratio
-        target = "ok" if verdict else "MISS"
+    rps_ok = row.rps_ok is not False
+    p99_ok = row.p99_ok is not False
+    if verdict is not None and row.targets is not None:
+        target = f"{'ok' if verdict else 'MISS'} ({row.targets.describe()})"
     server = "-" if row.server_cpu is None else f"{row.server_cpu:.0f}"
     other = "-" if row.other_cpu_max is None else f"{row.other_cpu_max:.0f}"
     cells = [
@@ -54,9 +53,46 @@ def _row(row: Row) -> str:
 
 
 def table(results: list[ScenarioResult]) -> str:
-    """The Markdown table of every row of every scenario."""
-    lines = [_HEADER, "|" + "---|" * _HEADER.count(" | ") + "---|"]
-    lines += [_row(row) for result in results for row in result.rows]
+    """The Markdown tables: load-generator rows, then other measures (if any)."""
+    rows = [_row(row) for result in results for row in result.rows]
+    parts = []
+    if rows:
+        parts.append("\n".join([_HEADER, "|" + "---|" * _HEADER.count(" | ") + "---|", *rows]))
+    measures = [m for result in results for m in result.measures]
+    if measures:
+        parts.append(measures_table(measures))
+    return "\n\n".join(parts)
+
+
+_MEASURE_HEADER = (
+    "| scenario | backend | subject | metric | median (min-max) | n | ratio to baseline | target |"
+)
+
+
+def _number(value: float, digits: int) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def _measure(m: Measure) -> str:
+    value = m.value
+    spread = (
+        f"{_number(value.median, m.digits)} {m.unit} "
+        f"({_number(value.min, m.digits)}-{_number(value.max, m.digits)})"
+    )
+    ratio = "" if m.ratio is None else f"{m.ratio:.2f}x {m.baseline}"
+    verdict = m.meets_target
+    target = ""
+    if m.target is not None:
+        word = "?" if verdict is None else ("ok" if verdict else "**MISS**")
+        target = f"{word} ({m.target.describe(m.unit)})"
+    cells = [m.scenario, m.backend, m.subject, m.metric, spread, str(m.repetitions), ratio, target]
+    return "| " + " | ".join(cells) + " |"
+
+
+def measures_table(measures: list[Measure]) -> str:
+    """The Markdown table of figures that are not load-generator results."""
+    lines = [_MEASURE_HEADER, "|" + "---|" * _MEASURE_HEADER.count(" | ") + "---|"]
+    lines += [_measure(m) for m in measures]
     return "\n".join(lines)
 
 
@@ -78,10 +114,10 @@ def markdown(results: list[ScenarioResult], meta: dict[str, Any]) -> str:
         "",
         table(results),
         "",
-        "Ratios are runtime / baseline medians on the same backend in the same run; "
-        "targets: req/s ratio >= 0.90 and p99 ratio <= 1.50 (misses in **bold**). "
+        "Ratios are subject / baseline medians on the same backend in the same run; "
+        "each row's target is named in its target cell (ratio misses in **bold**). "
         "CPU: server median, load generator max, other processes max, in % of one core "
-        "over the measured window.",
+        "over the measured window; n: repetitions.",
     ]
     notes = [f"- {r.name}: {note}" for r in results for note in r.notes]
     if notes:
@@ -107,6 +143,7 @@ def write_json(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) 
                 "settings": r.settings,
                 "notes": r.notes,
                 "rows": [{**asdict(row), "meets_targets": row.meets_targets} for row in r.rows],
+                "measures": [{**asdict(m), "meets_target": m.meets_target} for m in r.measures],
                 "samples": r.samples,
             }
             for r in results

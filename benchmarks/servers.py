@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib.util
 import socket
 import subprocess
 import sys
@@ -17,26 +18,63 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import procs
+from . import ROOT, procs
 
-__all__ = ["BASELINE", "RUNTIME", "RunningServer", "ServerError", "ServerSpec", "serve"]
+__all__ = [
+    "AGENT_PROCESS",
+    "BASELINE",
+    "HELLO_PROCESS_TEMPLATE",
+    "HELLO_TEMPLATE",
+    "ORCHESTRATOR",
+    "ORCHESTRATOR_PROCESS",
+    "RUNTIME",
+    "RunningServer",
+    "ServerError",
+    "ServerSpec",
+    "serve",
+    "unix_connection",
+    "worker_for",
+]
+
+HELLO_TEMPLATE = ROOT / "benchmarks" / "templates" / "hello"
+"""In-process benchmark template (``bench-hello``): answers ``{"ok": true}``."""
+HELLO_PROCESS_TEMPLATE = ROOT / "benchmarks" / "templates" / "hello_process"
+"""The same agent as a process template (``bench-hello-process``, warm pool 2)."""
 
 
 class ServerError(RuntimeError):
     """A server exited or did not become ready in time."""
 
 
+def worker_for(backend: str) -> str:
+    """The orchestrator's ``--worker`` for a backend: uvloop on asyncio when installed.
+
+    The same loop :mod:`benchmarks.hello_asgi` and the agent runtime pick.
+    """
+    if backend == "asyncio" and importlib.util.find_spec("uvloop") is not None:
+        return "uvloop"
+    return backend
+
+
 @dataclass(frozen=True)
 class ServerSpec:
-    """A server command; ``{bind}`` and ``{backend}`` are filled in at start."""
+    """A server command; ``{bind}``, ``{backend}``, ``{worker}`` (see
+    :func:`worker_for`) and ``{data}`` (a fresh directory) are filled in at start.
+
+    ``unix``: listen on a Unix socket (``{bind}`` is ``unix:/path``), not TCP.
+    """
 
     name: str
     argv: tuple[str, ...]
     ready_path: str
+    unix: bool = False
 
-    def command(self, bind: str, backend: str) -> list[str]:
+    def command(self, bind: str, backend: str, data: str = "DATA_DIR") -> list[str]:
         """The command line for one start."""
-        return [arg.format(bind=bind, backend=backend) for arg in self.argv]
+        worker = worker_for(backend)
+        return [
+            arg.format(bind=bind, backend=backend, worker=worker, data=data) for arg in self.argv
+        ]
 
 
 RUNTIME = ServerSpec(
@@ -73,14 +111,67 @@ BASELINE = ServerSpec(
 """A bare raw-ASGI hello world on hypercorn with the runtime's settings."""
 
 
+def _orchestrator_argv(template: Path) -> tuple[str, ...]:
+    return (
+        sys.executable,
+        "-m",
+        "ppio_sandbox.orchestrator.cli",
+        "serve",
+        "--bind",
+        "{bind}",
+        "--data-dir",
+        "{data}",
+        "--template",
+        str(template),
+        "--worker",
+        "{worker}",
+        "--grace",
+        "5",
+        "--log-level",
+        "WARNING",
+    )
+
+
+ORCHESTRATOR = ServerSpec(
+    name="orchestrator", argv=_orchestrator_argv(HELLO_TEMPLATE), ready_path="/ping"
+)
+"""The orchestrator (``ppio-sandbox-cli serve``) with the in-process hello template.
+
+``/ping`` answers once the template is registered and deployed."""
+
+ORCHESTRATOR_PROCESS = ServerSpec(
+    name="orchestrator", argv=_orchestrator_argv(HELLO_PROCESS_TEMPLATE), ready_path="/ping"
+)
+"""The orchestrator with the process hello template (one agent process per session)."""
+
+AGENT_PROCESS = ServerSpec(
+    name="agent-direct",
+    argv=(
+        sys.executable,
+        "-m",
+        "ppio_sandbox.agent_runtime",
+        str(HELLO_PROCESS_TEMPLATE / "agent.py"),
+        "--bind",
+        "{bind}",
+        "--log-level",
+        "WARNING",
+    ),
+    ready_path="/ping",
+    unix=True,
+)
+"""The process template's agent served directly on a Unix socket, started the
+way a process sandbox starts it (runtime CLI, default loop)."""
+
+
 @dataclass(frozen=True)
 class RunningServer:
-    """A started, ready server."""
+    """A started, ready server (``port`` 0 and ``unix`` set for a Unix socket)."""
 
     pid: int
     port: int
     startup_seconds: float
     log: Path
+    unix: Path | None = None
 
 
 def free_port() -> int:
@@ -91,8 +182,33 @@ def free_port() -> int:
         return port
 
 
-def _answers(port: int, path: str) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def unix_connection(path: Path, timeout: float) -> http.client.HTTPConnection:
+    """An ``http.client`` connection over the Unix socket at ``path``."""
+    return _UnixHTTPConnection(str(path), timeout)
+
+
+def _answers(address: int | Path, path: str) -> bool:
+    conn: http.client.HTTPConnection
+    if isinstance(address, Path):
+        conn = unix_connection(address, timeout=1.0)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", address, timeout=1.0)
     try:
         conn.request("GET", path)
         return conn.getresponse().status < 500
@@ -102,12 +218,17 @@ def _answers(port: int, path: str) -> bool:
         conn.close()
 
 
-def wait_ready(proc: subprocess.Popen[bytes], port: int, path: str, timeout: float) -> None:
-    """Poll ``GET path`` until it answers; fail if the process exits or time runs out."""
+def wait_ready(
+    proc: subprocess.Popen[bytes], address: int | Path, path: str, timeout: float
+) -> None:
+    """Poll ``GET path`` until it answers; fail if the process exits or time runs out.
+
+    ``address``: a TCP port on 127.0.0.1, or a Unix socket path.
+    """
     deadline = time.monotonic() + timeout
-    while not _answers(port, path):
+    while not _answers(address, path):
         if time.monotonic() >= deadline:
-            raise ServerError(f"not ready on port {port} after {timeout:g} s")
+            raise ServerError(f"not ready on {address} after {timeout:g} s")
         with contextlib.suppress(subprocess.TimeoutExpired):
             # The poll interval, which also notices an early exit at once.
             code = proc.wait(0.05)
@@ -124,16 +245,23 @@ def serve(
     startup_timeout: float,
     stop_timeout: float,
 ) -> Iterator[RunningServer]:
-    """Start ``spec`` on ``backend``, yield it once ready, always stop it."""
+    """Start ``spec`` on ``backend``, yield it once ready, always stop it.
+
+    Its log and its ``{data}`` directory are fresh entries in ``logdir``.
+    """
     port = free_port()
-    log = logdir / f"{spec.name}-{backend}-{port}.log"
+    stem = logdir / f"{spec.name}-{backend}-{port}"
+    log = stem.with_suffix(".log")
+    data = stem.with_suffix(".data")
+    unix = stem.with_suffix(".sock") if spec.unix else None
+    bind = f"unix:{unix}" if unix is not None else f"127.0.0.1:{port}"
     started = time.perf_counter()
-    argv = spec.command(f"127.0.0.1:{port}", backend)
+    argv = spec.command(bind, backend, str(data))
     with procs.running(argv, cpus=cpus, log=log, stop_timeout=stop_timeout) as proc:
         try:
-            wait_ready(proc, port, spec.ready_path, startup_timeout)
+            wait_ready(proc, unix or port, spec.ready_path, startup_timeout)
         except ServerError as exc:
             raise ServerError(
                 f"{spec.name} ({backend}): {exc}\n$ {' '.join(argv)}\n{procs.tail(log)}"
             ) from None
-        yield RunningServer(proc.pid, port, time.perf_counter() - started, log)
+        yield RunningServer(proc.pid, 0 if unix else port, time.perf_counter() - started, log, unix)

@@ -15,7 +15,14 @@ from ..core import Progress, RunConfig, ScenarioResult
 
 __all__ = ["MODULES", "Scenario", "all_scenarios", "get", "register"]
 
-MODULES = ("runtime_rps",)
+MODULES = (
+    "runtime_rps",
+    "orchestrator_rps",
+    "session_churn",
+    "idle_sessions",
+    "process_sandbox",
+    "orchestrator_process",
+)
 """Scenario modules, in the order ``run`` without ``--scenario`` runs them."""
 
 _REGISTRY: dict[str, Scenario] = {}

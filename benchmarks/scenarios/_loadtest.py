@@ -1,0 +1,161 @@
+"""Shared by the HTTP scenarios: start each subject, drive it with the load
+generator in its own pinned process, and describe the result.
+
+A subject is measured next to its baseline, alternating within each
+repetition, on each backend; each server is a fresh process.
+"""
+
+from __future__ import annotations
+
+import http.client
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .. import loadgen, procs
+from ..core import Progress, RunConfig
+from ..servers import RunningServer, ServerError, ServerSpec, serve, unix_connection
+
+__all__ = ["NOISE_CPU", "Subject", "describe", "loadgen_note", "noise_note", "run_pairs"]
+
+NOISE_CPU = 10.0
+"""CPU % of a core used by other processes above which a sample is called noisy."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One server to measure and what to send it."""
+
+    label: str
+    spec: ServerSpec
+    path: str
+    churn: str | None = None
+    """Template id: run session churn cycles (see :mod:`benchmarks.loadgen`)."""
+    prime: bool = False
+    """Before measuring, send one request per connection's session id, one
+    at a time, so that slow session starts (process sandboxes) are over."""
+
+
+def run_pairs(
+    scenario: str,
+    subjects: Sequence[Subject],
+    config: RunConfig,
+    progress: Progress,
+    *,
+    backends: Sequence[str],
+    body: bytes,
+    connections: int | None = None,
+) -> tuple[list[dict[str, Any]], procs.Pinning]:
+    """Measure every (backend, subject) ``config.repetitions`` times; the samples."""
+    pinning = procs.plan_pinning(config.pin)
+    conns = connections or config.connections
+    samples: list[dict[str, Any]] = []
+    for backend in backends:
+        for rep in range(1, config.repetitions + 1):
+            for subject in subjects:
+                progress.start(f"{scenario} {backend} {subject.label} rep {rep}")
+                with serve(
+                    subject.spec,
+                    backend,
+                    cpus=pinning.server,
+                    logdir=config.workdir,
+                    startup_timeout=config.startup_timeout,
+                    stop_timeout=config.stop_timeout,
+                ) as server:
+                    if subject.prime:
+                        _prime(server, subject.path, body, conns, config.startup_timeout)
+                    opts = loadgen.Options(
+                        port=server.port,
+                        unix=str(server.unix) if server.unix else None,
+                        path=subject.path,
+                        body=body,
+                        connections=conns,
+                        warmup=config.warmup,
+                        duration=config.duration,
+                        server_pid=server.pid,
+                        churn=subject.churn,
+                    )
+                    timeout = config.warmup + config.duration + 30.0
+                    result = procs.run_json(
+                        loadgen.command(opts), cpus=pinning.loadgen, timeout=timeout
+                    )
+                progress.finish(describe(result))
+                samples.append(
+                    {
+                        "backend": backend,
+                        "subject": subject.label,
+                        "repetition": rep,
+                        "command": subject.spec.command("127.0.0.1:PORT", backend),
+                        "path": subject.path,
+                        "startup_seconds": round(server.startup_seconds, 3),
+                        "result": result,
+                    }
+                )
+    return samples, pinning
+
+
+def _prime(server: RunningServer, path: str, body: bytes, count: int, timeout: float) -> None:
+    """One request per load-generator session id, in turn (each may start a sandbox)."""
+    headers = {"Content-Type": "application/json"}
+    for index in range(count):
+        conn: http.client.HTTPConnection
+        if server.unix is not None:
+            conn = unix_connection(server.unix, timeout)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+        try:
+            conn.request("POST", path, body, {**headers, "X-PPIO-Session-Id": f"bench-{index}"})
+            response = conn.getresponse()
+            text = response.read()
+            if response.status != 200:
+                raise ServerError(
+                    f"priming session bench-{index}: {response.status} {text[:300]!r}"
+                )
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServerError(f"priming session bench-{index}: {exc}") from None
+        finally:
+            conn.close()
+
+
+def loadgen_note(samples: list[dict[str, Any]]) -> str:
+    """Whether the load generator, rather than the server, was the bottleneck."""
+    peak = max(s["result"]["loadgen_cpu_percent"] for s in samples)
+    saturated = sum(1 for s in samples if s["result"]["loadgen_saturated"])
+    if saturated:
+        return (
+            f"load generator saturated (>= {loadgen.SATURATED_CPU:g} % of a core) in "
+            f"{saturated} of {len(samples)} samples: those figures are lower bounds"
+        )
+    return (
+        f"load generator CPU at most {peak:.0f} % of a core "
+        f"(saturation threshold {loadgen.SATURATED_CPU:g} %): not the bottleneck"
+    )
+
+
+def noise_note(samples: list[dict[str, Any]]) -> str | None:
+    """A note when other processes used a CPU during measured windows."""
+    noisy = [
+        s["result"]["other_cpu_percent"]
+        for s in samples
+        if (s["result"].get("other_cpu_percent") or 0.0) > NOISE_CPU
+    ]
+    if not noisy:
+        return None
+    return (
+        f"other processes used {min(noisy):.0f}-{max(noisy):.0f} % of a core in "
+        f"{len(noisy)} of {len(samples)} measured windows: figures are noisy"
+    )
+
+
+def describe(result: dict[str, Any]) -> str:
+    """The progress line's result: req/s, p99, CPU, noise, errors."""
+    unit = "cycles/s" if result.get("mode") == "churn" else "req/s"
+    text = (
+        f"{result['rps']:.0f} {unit}, p99 {result['p99']:.1f} ms, "
+        f"cpu server {result['server_cpu_percent']} % / loadgen {result['loadgen_cpu_percent']} %"
+    )
+    if (result.get("other_cpu_percent") or 0.0) > NOISE_CPU:
+        text += f" / other {result['other_cpu_percent']} % (noisy)"
+    if result["errors"]:
+        text += f", {result['errors']} errors {result['error_kinds']}"
+    return text
