@@ -20,7 +20,6 @@ import anyio
 import anyio.lowlevel
 
 from ppio_sandbox.agent_runtime.errors import (
-    InvocationCancelledError,
     InvocationError,
     InvocationTimeoutError,
     PPIOAgentRuntimeError,
@@ -166,16 +165,13 @@ class TurnRunner:
         core = session.core
         outcome = TurnOutcome.OK
         host.turn_started()
-        with anyio.CancelScope() as scope:
+        timeout = host.turn_timeout(session)
+        # One scope for both ways a turn is stopped: its deadline, and
+        # turn.cancel (whose callers always set turn.error first).
+        with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
             turn.cancel = scope.cancel
             try:
-                with anyio.fail_after(host.turn_timeout(session)):
-                    await self._execute(session, turn)
-            except TimeoutError:
-                turn.error = InvocationTimeoutError(
-                    f"turn exceeded the template's timeout ({host.turn_timeout(session):g} s)"
-                )
-                outcome = TurnOutcome.TIMEOUT
+                await self._execute(session, turn)
             except SandboxCrashedError as exc:
                 turn.error = exc
                 outcome = TurnOutcome.CRASHED
@@ -189,8 +185,12 @@ class TurnRunner:
         turn.cancel = None
         if scope.cancelled_caught:
             if turn.error is None:
-                turn.error = InvocationCancelledError("the turn was cancelled")
-            outcome = TurnOutcome.CANCELLED
+                turn.error = InvocationTimeoutError(
+                    f"turn exceeded the template's timeout ({timeout:g} s)"
+                )
+                outcome = TurnOutcome.TIMEOUT
+            else:
+                outcome = TurnOutcome.CANCELLED
         if turn.error is not None:
             turn.error.request_id = turn.request_id
         restart = host.crash_verdict(session) if outcome is TurnOutcome.CRASHED else False

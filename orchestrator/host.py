@@ -134,8 +134,7 @@ class Orchestrator:
         self.metrics = metrics
         self.accepting = True
         self.running_turns = 0
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._idle: anyio.Event | None = None  # set up only while draining
         self._providers: dict[str, SandboxProvider] = {}
         self._provider_locks: dict[str, anyio.Lock] = {}
         self._creating: dict[str, anyio.Event] = {}
@@ -202,8 +201,9 @@ class Orchestrator:
         grace = self.config.shutdown_grace if grace is None else grace
         if self.running_turns and grace > 0:
             logger.info("draining %d running turns (up to %.0f s)", self.running_turns, grace)
+            self._idle = idle = anyio.Event()
             with anyio.move_on_after(grace):
-                await self._idle.wait()
+                await idle.wait()
         async with anyio.create_task_group() as tg:
             for session in self.directory:
                 tg.start_soon(
@@ -543,12 +543,10 @@ class Orchestrator:
 
     def turn_started(self) -> None:
         self.running_turns += 1
-        if self.running_turns == 1:
-            self._idle = anyio.Event()
 
     def turn_finished(self, turn: Turn, outcome: TurnOutcome) -> None:
         self.running_turns -= 1
-        if self.running_turns == 0:
+        if self.running_turns == 0 and self._idle is not None:
             self._idle.set()
         if self.metrics is not None:
             duration = (turn.finished_at or 0.0) - (turn.started_at or 0.0)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import anyio
 import anyio.lowlevel
 
+from ppio_sandbox.agent_runtime.context import next_request_id
 from ppio_sandbox.agent_runtime.errors import PPIOAgentRuntimeError, ValidationError
 from ppio_sandbox.agent_runtime.protocol import encode_json
 from ppio_sandbox.agent_runtime.sse import encode_event, encode_raw_event
@@ -79,7 +79,7 @@ class InvocationHandler:
             if key is not None:
                 h[key] = value
         rid = h.get("rid")
-        request_id = rid.decode("latin-1") if rid else uuid.uuid4().hex
+        request_id = rid.decode("latin-1") if rid else next_request_id()
         try:
             payload = decode_object(h.get("ct", b""), body)
             strategy_raw = h.get("strategy")
@@ -97,7 +97,7 @@ class InvocationHandler:
                 sid = sid_raw.decode("latin-1") if sid_raw else None
                 session = await host.get_or_create_session(tenant, target, sid)
             key_raw = h.get("key")
-            key = key_raw.decode("latin-1") if key_raw else uuid.uuid4().hex
+            key = key_raw.decode("latin-1") if key_raw else next_request_id()
             admission, turn = host.submit(
                 session,
                 payload,

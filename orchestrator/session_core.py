@@ -335,8 +335,7 @@ class SessionCore:
 
     def _drain_mailbox(self) -> list[Turn]:
         pending = list(self._mailbox or ())
-        if self._mailbox:
-            self._mailbox.clear()
+        self._mailbox = None
         return pending
 
     def sandbox_crashed(self, now: float) -> bool:
@@ -407,6 +406,8 @@ class SessionCore:
         ):
             return None
         turn = self._mailbox.popleft()
+        if not self._mailbox:
+            self._mailbox = None  # an idle session keeps no empty deque
         self.running = turn
         turn.started_at = now
         self.state = SessionState.BUSY
@@ -433,6 +434,8 @@ class SessionCore:
         """Drop a turn still waiting in the mailbox (its caller went away)."""
         if self._mailbox and turn in self._mailbox:
             self._mailbox.remove(turn)
+            if not self._mailbox:
+                self._mailbox = None
             self._forget(turn)  # it never ran: a retry must run it, not replay this
             turn.error = InvocationCancelledError("the caller went away before the turn ran")
             turn.finished_at = now
@@ -469,14 +472,21 @@ class SessionCore:
         cache = self._cache
         assert cache is not None
         limit, ttl = self.limits.idempotency_max, self.limits.idempotency_ttl
-        # Oldest first. Unfinished turns are never evicted: they can be joined.
-        for key, old in list(cache.items()):
-            over = len(cache) > limit
+        # Oldest first, stopping at the first entry to keep (no copy of the
+        # cache: this runs twice per turn). Unfinished turns are never
+        # evicted: they can be joined.
+        doomed: list[str] = []
+        size = len(cache)
+        for key, old in cache.items():
+            over = size > limit
             finished = old.finished_at
             if finished is not None and (over or now - finished >= ttl):
-                del cache[key]
+                doomed.append(key)
+                size -= 1
             elif not over:
                 break
+        for key in doomed:
+            del cache[key]
 
     @property
     def cached_turns(self) -> int:
