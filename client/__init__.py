@@ -17,7 +17,7 @@ re-exported here: the client raises the class the server named.
 Layout: ``_client`` (AgentRuntimeClient), ``_session`` (SandboxSession),
 ``_invocation`` (replies and streams), ``_connection`` (httpx pool, deadlines,
 error mapping), ``_retry`` (when to retry), ``_auth`` (Bearer/HMAC),
-``_templates`` (TTL cache, deploy), ``_archive`` (deterministic tar.gz),
+``_templates`` (TTL cache, deploy; archives from ``agent_runtime.packaging``),
 ``_models`` (views, encoding once), ``_config``, ``_sync`` and ``_sync_session``
 (the blocking facade).
 """

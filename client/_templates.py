@@ -11,8 +11,8 @@ import anyio
 import anyio.to_thread
 
 from ppio_sandbox.agent_runtime.errors import InvocationTimeoutError, ValidationError
+from ppio_sandbox.agent_runtime.packaging import AGENT_FILE, pack_directory
 
-from ._archive import AGENT_FILE, pack_directory
 from ._connection import ApiConnection
 from ._models import AgentTemplate, convert
 

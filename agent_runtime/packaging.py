@@ -1,17 +1,23 @@
-"""Deterministic tar.gz of an agent directory, as the orchestrator accepts it.
+"""The template archive format, shared by the client (which packs) and the
+orchestrator (which unpacks and hashes).
 
-The same directory always gives the same bytes (sorted entries, zeroed
-mtimes and owners, normalised modes, no gzip name or time), so deploying
-unchanged content is a no-op on the server (a template's id includes its
-content hash). Build junk is left out, and so is the ``status:`` block of
-the top-level ``.ppio-agent.yaml`` (the CLI writes it back after a deploy).
-The orchestrator makes the same archive from the same rules; the client
-keeps its own copy because the two never import each other.
+:func:`pack_directory` gives the same bytes for the same directory contents,
+whatever the files' mtimes, owners or the order the filesystem lists them in:
+entries are sorted, mtimes and ids zeroed, modes normalised to 0644/0755, and
+the gzip header carries no name or time. Build junk (``.git``,
+``__pycache__``, ``.venv``, tool caches, ``*.pyc``) is left out, and so is
+the ``status`` block of the top-level ``.ppio-agent.yaml``: the CLI writes it
+back after every deploy, and deploy output must not change the content.
+:func:`content_hash` hashes the *uncompressed* tar stream, so the digest does
+not depend on the gzip level or zlib build either.
+
+Not imported by :mod:`ppio_sandbox.agent_runtime` itself: agents never load it.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import posixpath
@@ -22,18 +28,20 @@ from pathlib import Path
 
 import yaml
 
-from ppio_sandbox.agent_runtime.errors import ValidationError
+from .errors import ValidationError
 
-__all__ = ["AGENT_FILE", "pack_directory"]
+__all__ = ["AGENT_FILE", "SKIPPED_NAMES", "content_hash", "pack_directory"]
 
 AGENT_FILE = ".ppio-agent.yaml"
-_SKIPPED = frozenset(
+#: Names never packed nor unpacked, at any depth (plus any ``*.pyc`` file).
+SKIPPED_NAMES = frozenset(
     {".git", "__pycache__", ".venv", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 )
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _skipped(parts: Sequence[str]) -> bool:
-    return any(part in _SKIPPED for part in parts) or parts[-1].endswith(".pyc")
+    return any(part in SKIPPED_NAMES for part in parts) or parts[-1].endswith(".pyc")
 
 
 def _inside(root: str, path: str) -> bool:
@@ -41,14 +49,16 @@ def _inside(root: str, path: str) -> bool:
 
 
 def _link_leaves(parts: Sequence[str], link: str) -> bool:
+    """Whether a symlink at ``parts`` to ``link`` is absolute or climbs out lexically."""
     lexical = posixpath.normpath(posixpath.join(*parts[:-1], link))
     return link.startswith("/") or lexical == ".." or lexical.startswith("../")
 
 
 def _without_status(data: bytes) -> bytes:
     """The agent file minus its top-level ``status:`` block, if that is provably all."""
+    lines = data.splitlines(keepends=True)
     kept, skipping = [], False
-    for line in data.splitlines(keepends=True):
+    for line in lines:
         if line.startswith(b"status:"):
             skipping = True
         elif not skipping or not (line[:1] in b" \t#" or not line.strip()):
@@ -57,7 +67,7 @@ def _without_status(data: bytes) -> bytes:
     stripped = b"".join(kept)
     if stripped == data:
         return data
-    try:
+    try:  # keep the original unless the textual cut removed exactly `status`
         before, after = yaml.safe_load(data), yaml.safe_load(stripped)
     except yaml.YAMLError:
         return data
@@ -67,10 +77,11 @@ def _without_status(data: bytes) -> bytes:
 
 
 def pack_directory(path: Path) -> bytes:
-    """A deterministic tar.gz of the agent directory at ``path``.
+    """A deterministic tar.gz of the directory at ``path``.
 
-    Symlinks must point inside the directory; anything but files,
-    directories and symlinks is refused (``ValidationError``).
+    Symlinks are kept as symlinks and must point inside the directory;
+    anything that is not a file, directory or symlink is refused
+    (``ValidationError``).
 
     >>> import tempfile
     >>> d = Path(tempfile.mkdtemp()); _ = (d / "agent.py").write_text("x = 1")
@@ -85,7 +96,7 @@ def pack_directory(path: Path) -> bytes:
     for dirpath, dirnames, filenames in os.walk(root):
         base = Path(dirpath)
         rel_base = base.relative_to(root).as_posix()
-        dirnames[:] = [d for d in dirnames if d not in _SKIPPED]
+        dirnames[:] = [d for d in dirnames if d not in SKIPPED_NAMES]
         for name in (*dirnames, *filenames):
             rel = name if rel_base == "." else f"{rel_base}/{name}"
             if not _skipped(rel.split("/")):
@@ -100,9 +111,8 @@ def pack_directory(path: Path) -> bytes:
             mode = full.lstat().st_mode
             if stat.S_ISLNK(mode):
                 target = os.readlink(full)
-                if _link_leaves(rel.split("/"), target) or not _inside(
-                    real_root, os.path.realpath(full)
-                ):
+                escapes = _link_leaves(rel.split("/"), target)
+                if escapes or not _inside(real_root, os.path.realpath(full)):
                     raise ValidationError(f"{rel}: symlink to {target!r} points outside {root}")
                 info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
                 tar.addfile(info)
@@ -118,3 +128,14 @@ def pack_directory(path: Path) -> bytes:
             else:
                 raise ValidationError(f"{rel}: not a regular file, directory or symlink")
     return gzip.compress(buf.getvalue(), compresslevel=6, mtime=0)
+
+
+def content_hash(data: bytes) -> str:
+    """SHA-256 (hex) of an archive made by :func:`pack_directory`.
+
+    The uncompressed tar stream is hashed, so the same directory gives the
+    same digest on any machine. Meant for archives this module made: the
+    input is decompressed without limits.
+    """
+    raw = gzip.decompress(data) if data[:2] == _GZIP_MAGIC else data
+    return hashlib.sha256(raw).hexdigest()
