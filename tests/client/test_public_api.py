@@ -11,7 +11,13 @@ import pytest
 
 import ppio_sandbox.client as client_pkg
 
-MODULES = ["_archive", "_auth", "_config", "_models", "_retry"]
+MODULES = [
+    "ppio_sandbox.client._auth",
+    "ppio_sandbox.client._config",
+    "ppio_sandbox.client._models",
+    "ppio_sandbox.client._retry",
+    "ppio_sandbox.agent_runtime.packaging",  # the archive format the client uploads
+]
 
 
 def test_every_public_name_resolves_and_the_runtime_re_exports_the_client() -> None:
@@ -35,7 +41,7 @@ def test_the_client_never_imports_the_orchestrator() -> None:
 
 @pytest.mark.parametrize("module", MODULES)
 def test_docstring_examples(module: str) -> None:
-    mod = importlib.import_module(f"ppio_sandbox.client.{module}")
+    mod = importlib.import_module(module)
     result = doctest.testmod(mod)
     assert result.failed == 0
     assert result.attempted > 0
