@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import msgspec
 
 from .context import RequestContext, next_request_id
 from .errors import (
@@ -26,10 +25,9 @@ from .errors import (
     NotFoundError,
     PPIOAgentRuntimeError,
     RequestTooLargeError,
-    UnsupportedMediaTypeError,
     ValidationError,
 )
-from .protocol import decode_json, decode_msgpack, encode_json, encode_msgpack
+from .protocol import body_decoder, decode_payload, encode_json, encode_msgpack, wants_msgpack
 from .sse import encode_event, encode_raw_event
 
 if TYPE_CHECKING:
@@ -188,8 +186,7 @@ class RuntimeASGI:
                 )
                 await self._stream(scope, receive, send, result, ctx, started, deadline)
                 return
-            accept = h.get("accept", b"")
-            wants_msgpack = _MSGPACK in accept or b"application/x-msgpack" in accept
+            msgpack_reply = wants_msgpack(h.get("accept", b""))
             envelope = {
                 "result": result,
                 "status": "success",
@@ -197,13 +194,13 @@ class RuntimeASGI:
                 "metadata": {"request_id": request_id, "session_id": session_id},
             }
             try:
-                body = encode_msgpack(envelope) if wants_msgpack else encode_json(envelope)
+                body = encode_msgpack(envelope) if msgpack_reply else encode_json(envelope)
             except Exception as exc:  # e.g. a result msgspec cannot encode
                 err = InvocationError(f"agent result could not be encoded: {exc}")
                 await self._error(scope, send, err, request_id)
                 return
             headers = [
-                (b"content-type", _MSGPACK if wants_msgpack else _JSON),
+                (b"content-type", _MSGPACK if msgpack_reply else _JSON),
                 (b"content-length", b"%d" % len(body)),
                 (b"x-ppio-request-id", request_id.encode("latin-1")),
             ]
@@ -243,21 +240,10 @@ class RuntimeASGI:
             watch.stop()
 
     async def _read_payload(self, h: dict[str, bytes], receive: Any) -> dict[str, Any]:
-        decode: Callable[[bytes], Any]
-        ctype = h.get("ct", b"").split(b";", 1)[0].strip().lower()
-        if ctype in (b"", _JSON) or (
-            ctype.startswith(b"application/") and ctype.endswith(b"+json")
-        ):
-            decode = decode_json
-        elif ctype in (_MSGPACK, b"application/x-msgpack", b"application/vnd.msgpack"):
-            decode = decode_msgpack
-        else:
-            raise _Reply(
-                UnsupportedMediaTypeError(
-                    f"unsupported Content-Type {ctype.decode('latin-1')!r}; "
-                    "send application/json or application/msgpack"
-                )
-            )
+        try:
+            decode = body_decoder(h.get("ct", b""))  # a wrong type is refused unread
+        except PPIOAgentRuntimeError as exc:
+            raise _Reply(exc) from None
         declared = h.get("cl")
         if declared is not None:
             try:
@@ -269,27 +255,10 @@ class RuntimeASGI:
                     await _discard_rest(receive, {"more_body": True})
                 raise _Reply(self._too_large())
         body = await self._read_body(receive)
-        if not body:
-            raise _Reply(ValidationError('empty body; send a JSON object such as {"prompt": "hi"}'))
         try:
-            payload = decode(body)
-        except UnicodeDecodeError:
-            raise _Reply(ValidationError("body is not valid UTF-8")) from None
-        except RecursionError:
-            raise _Reply(ValidationError("body is nested too deeply")) from None
-        except (msgspec.DecodeError, ValueError) as exc:
-            raise _Reply(ValidationError(f"malformed body: {exc}")) from None
-        if isinstance(payload, dict):
-            return payload
-        if isinstance(payload, str):
-            # A bare JSON string is taken as the prompt: `curl -d '"hi"'` works.
-            return {"prompt": payload}
-        raise _Reply(
-            ValidationError(
-                f"body must be a JSON object (or a string, taken as the prompt), "
-                f"not {_json_kind(payload)}"
-            )
-        )
+            return decode_payload(decode, body)
+        except PPIOAgentRuntimeError as exc:
+            raise _Reply(exc) from None
 
     async def _read_body(self, receive: Any) -> bytes:
         message = await receive()
@@ -571,15 +540,3 @@ def _request_id_of(scope: dict[str, Any]) -> str:
         if name == b"x-ppio-request-id":
             return str(value.decode("latin-1"))
     return next_request_id()
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, list):
-        return "an array"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return type(value).__name__

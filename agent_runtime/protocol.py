@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
+
+from .errors import UnsupportedMediaTypeError, ValidationError
 
 __all__ = [
     "CONTENT_JSON",
@@ -27,10 +29,13 @@ __all__ = [
     "InvocationResponse",
     "PingResponse",
     "PingStatus",
+    "body_decoder",
     "decode_json",
     "decode_msgpack",
+    "decode_payload",
     "encode_json",
     "encode_msgpack",
+    "wants_msgpack",
 ]
 
 CONTENT_JSON = "application/json"
@@ -66,6 +71,70 @@ encode_json = _json_encoder.encode
 decode_json = _json_decoder.decode
 encode_msgpack = _msgpack_encoder.encode
 decode_msgpack = _msgpack_decoder.decode
+
+_MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
+
+
+def wants_msgpack(accept: bytes) -> bool:
+    """True when an ``Accept`` header value asks for a msgpack reply."""
+    return b"application/msgpack" in accept or b"application/x-msgpack" in accept
+
+
+def body_decoder(content_type: bytes) -> Callable[[bytes], Any]:
+    """The decoder for a request's ``Content-Type`` header value.
+
+    JSON for none, ``application/json`` or ``application/*+json``; msgpack for
+    its three usual names; anything else is a 415, raised before the body is
+    read.
+    """
+    ctype = content_type.split(b";", 1)[0].strip().lower()
+    if ctype in (b"", b"application/json") or (
+        ctype.startswith(b"application/") and ctype.endswith(b"+json")
+    ):
+        return decode_json
+    if ctype in _MSGPACK_TYPES:
+        return decode_msgpack
+    raise UnsupportedMediaTypeError(
+        f"unsupported Content-Type {ctype.decode('latin-1')!r}; "
+        "send application/json or application/msgpack"
+    )
+
+
+def decode_payload(decode: Callable[[bytes], Any], body: bytes) -> dict[str, Any]:
+    """An invocation body as the dict an agent receives; 400 with a clear reason otherwise.
+
+    A bare JSON string is taken as the prompt (``curl -d '"hi"'`` works);
+    arrays, numbers, null and booleans are refused.
+    """
+    if not body:
+        raise ValidationError('empty body; send a JSON object such as {"prompt": "hi"}')
+    try:
+        payload = decode(body)
+    except UnicodeDecodeError:
+        raise ValidationError("body is not valid UTF-8") from None
+    except RecursionError:
+        raise ValidationError("body is nested too deeply") from None
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise ValidationError(f"malformed body: {exc}") from None
+    if isinstance(payload, dict):
+        return payload
+    if isinstance(payload, str):
+        return {"prompt": payload}
+    raise ValidationError(
+        f"body must be a JSON object (or a string, taken as the prompt), not {_json_kind(payload)}"
+    )
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return type(value).__name__
 
 
 class PingStatus(enum.StrEnum):

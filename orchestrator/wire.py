@@ -10,61 +10,30 @@ from typing import Any
 
 import msgspec
 
-from ppio_sandbox.agent_runtime.errors import UnsupportedMediaTypeError, ValidationError
 from ppio_sandbox.agent_runtime.protocol import (
-    decode_json,
-    decode_msgpack,
+    body_decoder,
+    decode_payload,
     encode_json,
     encode_msgpack,
+    wants_msgpack,
 )
 
 from .actor import Session
 
-__all__ = ["decode_body", "encode_reply", "session_view", "template_view", "wants_msgpack"]
-
-_MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
-
-
-def decode_body(content_type: bytes, body: bytes, *, allow_empty: bool = False) -> Any:
-    """Decode a JSON or msgpack body; 400/415 with a clear message otherwise."""
-    ctype = content_type.split(b";", 1)[0].strip().lower()
-    if not body:
-        if allow_empty:
-            return {}
-        raise ValidationError('empty body; send a JSON object such as {"prompt": "hi"}')
-    if ctype in _MSGPACK_TYPES:
-        decode = decode_msgpack
-    elif ctype in (b"", b"application/json") or (
-        ctype.startswith(b"application/") and ctype.endswith(b"+json")
-    ):
-        decode = decode_json
-    else:
-        raise UnsupportedMediaTypeError(
-            f"unsupported Content-Type {ctype.decode('latin-1')!r}; "
-            "send application/json or application/msgpack"
-        )
-    try:
-        return decode(body)
-    except UnicodeDecodeError:
-        raise ValidationError("body is not valid UTF-8") from None
-    except RecursionError:
-        raise ValidationError("body is nested too deeply") from None
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise ValidationError(f"malformed body: {exc}") from None
+__all__ = ["decode_object", "encode_reply", "session_view", "template_view"]
 
 
 def decode_object(content_type: bytes, body: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
-    """Like :func:`decode_body`, and the value must be an object."""
-    value = decode_body(content_type, body, allow_empty=allow_empty)
-    if isinstance(value, str):
-        return {"prompt": value}
-    if not isinstance(value, dict):
-        raise ValidationError("body must be a JSON object")
-    return value
+    """Decode a JSON or msgpack object body (400/415 with a clear message otherwise).
 
-
-def wants_msgpack(accept: bytes) -> bool:
-    return b"application/msgpack" in accept
+    The same rules as the agent runtime's ``/invocations``
+    (:func:`~ppio_sandbox.agent_runtime.protocol.decode_payload`);
+    ``allow_empty`` reads an empty body as ``{}``.
+    """
+    decode = body_decoder(content_type)
+    if not body and allow_empty:
+        return {}
+    return decode_payload(decode, body)
 
 
 def encode_reply(value: Any, accept: bytes) -> tuple[bytes, bytes]:
