@@ -1,14 +1,15 @@
 """``ppio-sandbox-cli``: the command line.
 
-``serve`` starts the orchestrator. The agent and session commands (deploy,
-invoke, list, close) talk to a running orchestrator through the client and
-arrive with it.
+``serve`` starts the orchestrator. ``agent deploy|invoke|list`` and
+``session list|close`` talk to a running orchestrator through the client
+(:mod:`ppio_sandbox.client._cli`); every one takes ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -50,29 +51,52 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ppio-sandbox-cli", description=__doc__)
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser for ``argv``: the client's commands are left out when it runs ``serve``.
+
+    The orchestrator never imports the client (nor the client the
+    orchestrator): only the command line, which offers both, brings them
+    together, and then only for the client's own commands.
+    """
+    parser = argparse.ArgumentParser(
+        prog="ppio-sandbox-cli",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        from .server import ServeOptions, serve_blocking
+    if list(argv[:1]) != ["serve"]:
+        from ppio_sandbox.client._cli import add_commands
 
-        options = ServeOptions(
-            host=args.host,
-            port=args.port,
-            bind=args.bind,
-            data_dir=args.data_dir,
-            templates=list(args.template),
-            api_keys=list(args.api_key),
-            keys_files=list(args.keys_file),
-            worker=args.worker,
-            warm_pool=args.warm_pool,
-            grace=args.grace,
-            log_level=args.log_level,
-        )
-        return serve_blocking(options)
-    parser.error(f"unknown command {args.command}")
+        add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; the exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(arguments)
+    args = parser.parse_args(arguments)
+    if args.command != "serve":
+        from ppio_sandbox.client._cli import run
+
+        return run(args)
+    from .server import ServeOptions, serve_blocking
+
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        bind=args.bind,
+        data_dir=args.data_dir,
+        templates=list(args.template),
+        api_keys=list(args.api_key),
+        keys_files=list(args.keys_file),
+        worker=args.worker,
+        warm_pool=args.warm_pool,
+        grace=args.grace,
+        log_level=args.log_level,
+    )
+    return serve_blocking(options)
 
 
 if __name__ == "__main__":
