@@ -8,11 +8,12 @@ import shlex
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import environment, report
+from . import environment, plots, procs, report
 from .core import Progress, RunConfig, ScenarioResult
 from .scenarios import all_scenarios, get
 from .servers import ServerError
@@ -31,11 +32,26 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="scenario to run (repeatable; default: all)",
     )
-    run.add_argument("--quick", action="store_true", help="1 repetition, short periods")
+    size = run.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_true", help="1 repetition, short periods (CI smoke, < 2 min)"
+    )
+    size.add_argument(
+        "--full", action="store_true", help="also the very long or big cases (1M idle sessions)"
+    )
     run.add_argument("--json", type=Path, metavar="FILE", help="write all results as JSON")
-    run.add_argument("--report", type=Path, metavar="DIR", help="write DIR/RESULTS.md")
+    run.add_argument(
+        "--report", type=Path, metavar="DIR", help="write DIR/RESULTS.md and its PNG plots"
+    )
     run.add_argument("--repetitions", type=int, help="repetitions per subject (default 3)")
     run.add_argument("--connections", type=int, help="keep-alive connections (default 64)")
+    run.add_argument(
+        "--concurrency",
+        type=_levels,
+        metavar="N,N,...",
+        help="concurrency levels of the sweeping scenarios (default 1,4,16,64,256 for "
+        "orchestrator-rps; 1,64 with --quick)",
+    )
     run.add_argument("--warmup", type=float, help="seconds of warm-up per sample")
     run.add_argument("--duration", type=float, help="measured seconds per sample")
     run.add_argument(
@@ -46,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     return parser
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("levels must be integers >= 1")
+    return levels
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:
@@ -70,6 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="ppio-bench-") as workdir:
         config = RunConfig.make(
             quick=args.quick,
+            full=args.full or None,
             repetitions=args.repetitions,
             connections=args.connections,
             warmup=args.warmup,
@@ -77,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
             backends=tuple(args.backend) if args.backend else None,
             pin=False if args.no_pin else None,
             workdir=Path(workdir),
+            levels=args.concurrency,
         )
         meta: dict[str, Any] = {
             "command": shlex.join([Path(sys.executable).name, "-m", "benchmarks", *sys.argv[1:]]),
@@ -85,15 +113,22 @@ def _run(args: argparse.Namespace) -> int:
             "packages": environment.packages(),
             "config": config.to_json(),
         }
-        progress = Progress(sum(s.steps(config) for s in scenarios))
+        plot_note = plots.missing() if args.report else None
+        if plot_note is not None:
+            print(f"note: no plots: {plot_note}", file=sys.stderr)
+        plan = [(s, s.steps(config)) for s in scenarios]
+        started = time.monotonic()
         results: list[ScenarioResult] = []
-        try:
-            for scenario in scenarios:
-                results.append(scenario.run(config, progress))
-        except (ServerError, RuntimeError) as exc:
-            progress.finish("failed")
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        with Progress(sum(steps for _, steps in plan)) as progress:
+            try:
+                for scenario, steps in plan:
+                    progress.begin(scenario.name, steps)
+                    results.append(scenario.run(config, progress))
+            except (ServerError, RuntimeError) as exc:
+                progress.close("failed")
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+        meta["seconds"] = round(time.monotonic() - started, 1)
     print(report.table(results))
     for result in results:
         for note in result.notes:
@@ -113,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.report:
         path = report.write_report(args.report, results, meta)
         print(f"wrote {path}", file=sys.stderr)
+    print(f"took {meta['seconds']:.0f} s", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -127,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:
-        print("\ninterrupted: servers and load generators stopped", file=sys.stderr)
+        # Every `finally` has run; kill whatever one cut short left, undisturbed.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        left = procs.stop_all()
+        extra = f" (killed {len(left)} left running)" if left else ""
+        print(f"\ninterrupted: servers and load generators stopped{extra}", file=sys.stderr)
         return 130
 
 

@@ -1,24 +1,33 @@
-"""Shared types: run configuration, progress line, samples summarised into rows."""
+"""Shared types: run configuration, samples summarised into rows, series to plot.
+
+The progress bar lives in :mod:`benchmarks.progress` (``Progress`` is
+re-exported here, where scenarios have always imported it from).
+"""
 
 from __future__ import annotations
 
 import statistics
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
+
+from .progress import Progress
 
 __all__ = [
     "Bound",
+    "Line",
     "Measure",
     "Metric",
+    "Point",
     "Progress",
     "Row",
     "RunConfig",
     "ScenarioResult",
+    "Series",
     "Spread",
     "Targets",
+    "concurrency_series",
     "summarize",
     "summarize_measures",
 ]
@@ -29,6 +38,8 @@ class RunConfig:
     """Settings common to all scenarios (``--quick`` picks the short ones)."""
 
     quick: bool = False
+    full: bool = False
+    """Also the very long or very big cases (``--full``: e.g. 1,000,000 idle sessions)."""
     repetitions: int = 3
     connections: int = 64
     warmup: float = 2.0
@@ -39,11 +50,19 @@ class RunConfig:
     stop_timeout: float = 10.0
     workdir: Path = field(default_factory=Path)
     """Where server logs go (a temporary directory during a run)."""
+    levels: tuple[int, ...] | None = None
+    """Concurrency levels of the sweeping scenarios (``None``: each its own)."""
+
+    def sweep(self, full: Sequence[int], quick: Sequence[int]) -> tuple[int, ...]:
+        """The concurrency levels to sweep: ``--concurrency``, else ``quick`` or ``full``."""
+        if self.levels:
+            return tuple(self.levels)
+        return tuple(quick if self.quick else full)
 
     @classmethod
     def make(cls, *, quick: bool, **overrides: Any) -> RunConfig:
         """Defaults for a full or a quick run, then the non-``None`` overrides."""
-        base = cls(quick=True, repetitions=1, warmup=1.0, duration=2.0) if quick else cls()
+        base = cls(quick=True, repetitions=1, warmup=0.5, duration=1.0) if quick else cls()
         for key, value in overrides.items():
             if value is not None:
                 setattr(base, key, value)
@@ -54,32 +73,8 @@ class RunConfig:
         data = asdict(self)
         data["workdir"] = str(self.workdir)
         data["backends"] = list(self.backends)
+        data["levels"] = None if self.levels is None else list(self.levels)
         return data
-
-
-class Progress:
-    """``[3/12] label ... result`` lines on stderr."""
-
-    def __init__(self, total: int, stream: TextIO | None = None) -> None:
-        self.total = total
-        self.index = 0
-        self.stream = stream or sys.stderr
-
-    def start(self, label: str) -> None:
-        """Announce the next step."""
-        self.index += 1
-        self.stream.write(f"[{self.index}/{self.total}] {label} ... ")
-        self.stream.flush()
-
-    def finish(self, text: str) -> None:
-        """End the current step's line."""
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def note(self, text: str) -> None:
-        """A line of its own."""
-        self.stream.write(text + "\n")
-        self.stream.flush()
 
 
 @dataclass(frozen=True)
@@ -132,6 +127,8 @@ class Row:
     rps_ratio: float | None = None
     p99_ratio: float | None = None
     targets: Targets | None = None
+    concurrency: int | None = None
+    """Concurrent connections (sessions) of the load generator, when known."""
 
     @property
     def meets_targets(self) -> bool | None:
@@ -233,6 +230,107 @@ class ScenarioResult:
     measures: list[Measure] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     """Samples that had errors (the run exits non-zero)."""
+    series: list[Series] = field(default_factory=list)
+    """Plots for the report (PNG files next to it; see :class:`Series`)."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a line: ``y`` at ``x``, with its spread (``low``-``high``) if known."""
+
+    x: float
+    y: float
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass
+class Line:
+    """The points of one subject (on one backend) in a :class:`Series`."""
+
+    label: str
+    points: list[Point] = field(default_factory=list)
+    dashed: bool = False
+    group: str | None = None
+    """Lines of the same group share a colour (e.g. a subject's p50 and p99)."""
+
+    def add(self, x: float, y: float, low: float | None = None, high: float | None = None) -> None:
+        """Append a point."""
+        self.points.append(Point(x, y, low, high))
+
+
+@dataclass
+class Series:
+    """One plot of a scenario: a line per subject and backend over a shared x axis.
+
+    A scenario fills ``ScenarioResult.series``; the report draws each as
+    ``<scenario>-<name>.png`` (when matplotlib is installed) and links it::
+
+        plot = Series("memory", "RSS vs idle sessions", "sessions", "MiB", x_log=True)
+        plot.line("asyncio orchestrator").add(10_000, 10.2)
+        plot.line("asyncio orchestrator").add(100_000, 111.0)
+    """
+
+    name: str
+    """Short, file-name safe: ``throughput``, ``latency``, ``memory``."""
+    title: str
+    x_label: str
+    y_label: str
+    x_log: bool = False
+    y_log: bool = False
+    lines: list[Line] = field(default_factory=list)
+
+    def line(self, label: str, *, dashed: bool = False, group: str | None = None) -> Line:
+        """The line called ``label``, created (with ``dashed`` and ``group``) if new."""
+        for line in self.lines:
+            if line.label == label:
+                return line
+        line = Line(label, dashed=dashed, group=group)
+        self.lines.append(line)
+        return line
+
+    @property
+    def empty(self) -> bool:
+        """Whether there is no point to draw."""
+        return not any(line.points for line in self.lines)
+
+
+def concurrency_series(
+    rows: Sequence[Row], *, what: str = "req/s", unit: str = "request"
+) -> list[Series]:
+    """Throughput and latency (p50 dashed, p99 solid) against concurrency.
+
+    One line per (backend, subject) over the rows' ``concurrency``; rows
+    without one are left out. ``what`` labels the throughput axis.
+    """
+    throughput = Series(
+        "throughput",
+        f"{what} vs concurrency (median, min-max bars)",
+        "concurrent connections",
+        what,
+        x_log=True,
+    )
+    latency = Series(
+        "latency",
+        "latency percentiles vs concurrency (p50 dashed, p99 solid)",
+        "concurrent connections",
+        f"{unit} latency, ms",
+        x_log=True,
+        y_log=True,
+    )
+    for row in sorted(rows, key=lambda r: (r.backend, r.subject, r.concurrency or 0)):
+        if row.concurrency is None:
+            continue
+        label = f"{row.backend} {row.subject}"
+        rps = row.rps
+        throughput.line(label).add(row.concurrency, rps.median, rps.min, rps.max)
+        p99 = row.p99
+        latency.line(f"{label} p99", group=label).add(row.concurrency, p99.median, p99.min, p99.max)
+        p50 = row.p50
+        latency.line(f"{label} p50", dashed=True, group=label).add(
+            row.concurrency, p50.median, p50.min, p50.max
+        )
+    return [s for s in (throughput, latency) if not s.empty]
 
 
 def summarize(
@@ -246,13 +344,17 @@ def summarize(
 
     ``targets=None``: ratios are reported, nothing is judged.
 
-    Each sample holds ``backend``, ``subject`` and a loadgen ``result``.
+    Each sample holds ``backend``, ``subject`` and a loadgen ``result``, and
+    may hold ``concurrency`` (else the result's ``connections`` is taken):
+    rows are per concurrency too, and ratios are to the baseline at the same
+    concurrency.
     """
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    groups: dict[tuple[str, str, int | None], list[Mapping[str, Any]]] = {}
     for sample in samples:
-        groups.setdefault((sample["backend"], sample["subject"]), []).append(sample)
+        level = sample.get("concurrency", sample["result"].get("connections"))
+        groups.setdefault((sample["backend"], sample["subject"], level), []).append(sample)
     rows: list[Row] = []
-    for (backend, subject), group in groups.items():
+    for (backend, subject, level), group in groups.items():
         results = [s["result"] for s in group]
         server = [r["server_cpu_percent"] for r in results if r["server_cpu_percent"] is not None]
         other = [r["other_cpu_percent"] for r in results if r.get("other_cpu_percent") is not None]
@@ -269,11 +371,12 @@ def summarize(
                 loadgen_cpu_max=max(r["loadgen_cpu_percent"] for r in results),
                 server_cpu=statistics.median(server) if server else None,
                 other_cpu_max=max(other) if other else None,
+                concurrency=level,
             )
         )
-    bases = {row.backend: row for row in rows if row.subject == baseline}
+    bases = {(row.backend, row.concurrency): row for row in rows if row.subject == baseline}
     for row in rows:
-        base = bases.get(row.backend)
+        base = bases.get((row.backend, row.concurrency))
         if row.subject == baseline or base is None:
             continue
         row.targets = targets

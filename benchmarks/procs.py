@@ -1,4 +1,11 @@
-"""Child processes: CPU pinning, a parent-death signal, and always stopping them."""
+"""Child processes: CPU pinning, a parent-death signal, and always stopping them.
+
+Every process :func:`spawn` starts is registered until :func:`stop` has
+stopped it; :func:`stop_all` stops whatever is left (the harness calls it
+on Ctrl-C). Stopping a process also ends the descendants it leaves behind
+(an orchestrator's or a probe's process sandboxes run in sessions of their
+own, so no signal to a process group reaches them).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +23,16 @@ from typing import IO, Any
 
 from . import ROOT
 
-__all__ = ["Pinning", "plan_pinning", "run_json", "spawn", "stop"]
+__all__ = [
+    "Pinning",
+    "descendants",
+    "live",
+    "plan_pinning",
+    "run_json",
+    "spawn",
+    "stop",
+    "stop_all",
+]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -82,6 +98,60 @@ def child_env() -> dict[str, str]:
     return env
 
 
+_LIVE: dict[int, subprocess.Popen[Any]] = {}
+"""Started and not yet stopped, by pid."""
+
+
+def live() -> list[int]:
+    """Pids of the processes started and not yet stopped."""
+    return sorted(_LIVE)
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks (``None``: gone), to tell pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    try:
+        return int(stat.rsplit(b")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def descendants(pid: int) -> set[tuple[int, int]]:
+    """Children, grandchildren, ... of ``pid`` as (pid, start time) (Linux ``/proc``)."""
+    found: set[tuple[int, int]] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children", encoding="ascii") as f:
+                    children = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for child in children:
+                started = _start_time(child)
+                if started is not None and (child, started) not in found:
+                    found.add((child, started))
+                    todo.append(child)
+    return found
+
+
+def _kill_leftovers(family: set[tuple[int, int]]) -> None:
+    """SIGKILL the processes of ``family`` still alive (same pid, same start time)."""
+    for pid, started in family:
+        if _start_time(pid) == started:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def spawn(
     argv: Sequence[str],
     *,
@@ -94,7 +164,7 @@ def spawn(
     Its own session keeps a terminal's Ctrl-C away from it: the harness
     decides when it stops.
     """
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         list(argv),
         cwd=ROOT,
         env=child_env(),
@@ -104,25 +174,54 @@ def spawn(
         start_new_session=True,
         preexec_fn=_preexec(cpus),
     )
+    _LIVE[proc.pid] = proc
+    return proc
 
 
 def stop(proc: subprocess.Popen[Any], timeout: float) -> int:
     """SIGTERM, then SIGKILL after ``timeout`` seconds; return the exit code.
 
-    A Ctrl-C while waiting kills the process at once before propagating.
+    Descendants still running once it has exited are killed. A Ctrl-C while
+    waiting kills the process at once before propagating.
     """
-    if proc.poll() is not None:
-        return proc.returncode
+    family: set[tuple[int, int]] = set()
     try:
-        proc.terminate()
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(5.0)
-    except BaseException:
-        proc.kill()
-        proc.wait(5.0)
-        raise
+        if proc.poll() is not None:
+            return proc.returncode
+        family = descendants(proc.pid)
+        try:
+            proc.terminate()
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            family |= descendants(proc.pid)
+            proc.kill()
+            return proc.wait(5.0)
+        except BaseException:
+            family |= descendants(proc.pid)
+            proc.kill()
+            proc.wait(5.0)
+            raise
+    finally:
+        _LIVE.pop(proc.pid, None)
+        _kill_leftovers(family)
+
+
+def stop_all() -> list[int]:
+    """Kill every process started and not yet stopped, with its descendants; their pids.
+
+    For an interrupted run: no grace period.
+    """
+    pids = []
+    for pid, proc in list(_LIVE.items()):
+        family = descendants(pid) if proc.poll() is None else set()
+        with contextlib.suppress(OSError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5.0)
+        _kill_leftovers(family)
+        _LIVE.pop(pid, None)
+        pids.append(pid)
+    return pids
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Results as a Markdown table (console, ``RESULTS.md``) and as JSON."""
+"""Results as Markdown tables (console, ``RESULTS.md``), PNG plots and JSON."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from . import plots
 from .core import Measure, Row, ScenarioResult, Spread
 
 __all__ = ["markdown", "measures_table", "table", "write_json", "write_report"]
 
 _HEADER = (
-    "| scenario | backend | subject | req/s (min-max) | p50 ms | p99 ms (min-max) "
+    "| scenario | backend | subject | conns | req/s (min-max) | p50 ms | p99 ms (min-max) "
     "| req/s ratio | p99 ratio | target | CPU % server / loadgen / other | errors |"
 )
 
@@ -40,6 +41,7 @@ def _row(row: Row) -> str:
         row.scenario,
         row.backend,
         row.subject,
+        "" if row.concurrency is None else str(row.concurrency),
         _spread(row.rps, 0),
         f"{row.p50.median:.2f}",
         _spread(row.p99, 2),
@@ -96,29 +98,64 @@ def measures_table(measures: list[Measure]) -> str:
     return "\n".join(lines)
 
 
-def markdown(results: list[ScenarioResult], meta: dict[str, Any]) -> str:
-    """A small Markdown document: the table, how it was made, notes."""
+def _machine(machine: dict[str, Any]) -> str:
+    memory = machine.get("memory_bytes")
+    text = f"{machine['cpu_count']} CPUs ({machine['cpu_model']})"
+    if memory:
+        text += f", {memory / 2**30:.0f} GiB"
+    return f"{text}, {machine.get('kernel') or machine['platform']}, Python {machine['python']}"
+
+
+def _plots_section(drawn: list[plots.Plot], plot_note: str | None) -> list[str]:
+    if plot_note is not None:
+        return ["", f"Plots not drawn: {plot_note}."]
+    if not drawn:
+        return []
+    lines = ["", "## Plots"]
+    for plot in drawn:
+        lines += ["", f"![{plot.scenario}: {plot.series.title}]({plot.filename})"]
+    return lines
+
+
+def markdown(
+    results: list[ScenarioResult],
+    meta: dict[str, Any],
+    *,
+    drawn: list[plots.Plot] | None = None,
+    plot_note: str | None = None,
+) -> str:
+    """A small Markdown document: the tables, how it was made, plots, notes.
+
+    ``drawn``: PNG files next to the document, linked from it; ``plot_note``:
+    why there are none.
+    """
     machine = meta["machine"]
     config = meta["config"]
+    mode = "full" if config.get("full") else "quick" if config.get("quick") else "default"
     parts = [
         "# Benchmark results",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Started: {meta['started']}  ",
-        f"Machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), "
-        f"{machine['platform']}, Python {machine['python']}  ",
-        "Packages: " + ", ".join(f"{k} {v}" for k, v in meta["packages"].items()) + "  ",
-        f"Load: {config['connections']} keep-alive connections, {config['warmup']:g} s warm-up, "
-        f"{config['duration']:g} s measured, {config['repetitions']} repetition(s); "
-        "median shown, (min-max) over repetitions.",
+        f"Started: {meta['started']}"
+        + (f", took {meta['seconds']:.0f} s" if "seconds" in meta else "")
+        + "  ",
+        f"Machine: {_machine(machine)}  ",
+        "Packages: "
+        + ", ".join(f"{k} {v}" for k, v in meta["packages"].items() if v is not None)
+        + "  ",
+        f"Load ({mode}): {config['connections']} keep-alive connections unless a row says "
+        f"otherwise, {config['warmup']:g} s warm-up, {config['duration']:g} s measured, "
+        f"{config['repetitions']} repetition(s); median shown, (min-max) over repetitions.",
         "",
         table(results),
         "",
-        "Ratios are subject / baseline medians on the same backend in the same run; "
-        "each row's target is named in its target cell (ratio misses in **bold**). "
-        "CPU: server median, load generator max, other processes max, in % of one core "
-        "over the measured window; n: repetitions.",
+        "Ratios are subject / baseline medians on the same backend (and at the same "
+        "concurrency) in the same run; each row's target is named in its target cell "
+        "(ratio misses in **bold**). CPU: server median, load generator max, other "
+        "processes max, in % of one core over the measured window; n: repetitions; "
+        "conns: concurrent keep-alive connections of the load generator.",
     ]
+    parts += _plots_section(drawn or [], plot_note)
     notes = [f"- {r.name}: {note}" for r in results for note in r.notes]
     if notes:
         parts += ["", "Notes:", "", *notes]
@@ -126,10 +163,16 @@ def markdown(results: list[ScenarioResult], meta: dict[str, Any]) -> str:
 
 
 def write_report(directory: Path, results: list[ScenarioResult], meta: dict[str, Any]) -> Path:
-    """Write ``RESULTS.md`` into ``directory``; return its path."""
+    """Write ``RESULTS.md`` and its PNG plots into ``directory``; return its path.
+
+    Without matplotlib the document says so instead of linking plots
+    (:func:`benchmarks.plots.missing`).
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    note = plots.missing()
+    drawn = plots.draw_all(results, directory) if note is None else []
     path = directory / "RESULTS.md"
-    path.write_text(markdown(results, meta), encoding="utf-8")
+    path.write_text(markdown(results, meta, drawn=drawn, plot_note=note), encoding="utf-8")
     return path
 
 
@@ -142,8 +185,10 @@ def write_json(path: Path, results: list[ScenarioResult], meta: dict[str, Any]) 
                 "name": r.name,
                 "settings": r.settings,
                 "notes": r.notes,
+                "failures": r.failures,
                 "rows": [{**asdict(row), "meets_targets": row.meets_targets} for row in r.rows],
                 "measures": [{**asdict(m), "meets_target": m.meets_target} for m in r.measures],
+                "series": [asdict(s) for s in r.series],
                 "samples": r.samples,
             }
             for r in results

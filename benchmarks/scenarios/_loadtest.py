@@ -1,12 +1,18 @@
 """Shared by the HTTP scenarios: start each subject, drive it with the load
 generator in its own pinned process, and describe the result.
 
-A subject is measured next to its baseline, alternating within each
-repetition, on each backend; each server is a fresh process.
+:func:`run_pairs`: a subject is measured next to its baseline, alternating
+within each repetition, on each backend; each server is a fresh process.
+
+:func:`run_sweep`: the same over several concurrency levels; each
+repetition on each backend starts every subject's server once (all pinned
+to the server CPU, the idle ones waiting) and, level by level, drives each
+in turn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +22,15 @@ from .. import loadgen, procs
 from ..core import Progress, RunConfig
 from ..servers import RunningServer, ServerError, ServerSpec, serve, unix_connection
 
-__all__ = ["NOISE_CPU", "Subject", "describe", "loadgen_note", "noise_note", "run_pairs"]
+__all__ = [
+    "NOISE_CPU",
+    "Subject",
+    "describe",
+    "loadgen_note",
+    "noise_note",
+    "run_pairs",
+    "run_sweep",
+]
 
 NOISE_CPU = 10.0
 """CPU % of a core used by other processes above which a sample is called noisy."""
@@ -64,34 +78,97 @@ def run_pairs(
                 ) as server:
                     if subject.prime:
                         _prime(server, subject.path, body, conns, config.startup_timeout)
-                    opts = loadgen.Options(
-                        port=server.port,
-                        unix=str(server.unix) if server.unix else None,
-                        path=subject.path,
-                        body=body,
-                        connections=conns,
-                        warmup=config.warmup,
-                        duration=config.duration,
-                        server_pid=server.pid,
-                        churn=subject.churn,
-                    )
-                    timeout = config.warmup + config.duration + 30.0
-                    result = procs.run_json(
-                        loadgen.command(opts), cpus=pinning.loadgen, timeout=timeout
-                    )
+                    result = _drive(server, subject, config, pinning, body, conns)
                 progress.finish(describe(result))
-                samples.append(
-                    {
-                        "backend": backend,
-                        "subject": subject.label,
-                        "repetition": rep,
-                        "command": subject.spec.command("127.0.0.1:PORT", backend),
-                        "path": subject.path,
-                        "startup_seconds": round(server.startup_seconds, 3),
-                        "result": result,
-                    }
-                )
+                samples.append(_sample(backend, subject, rep, server, result))
     return samples, pinning
+
+
+def run_sweep(
+    scenario: str,
+    subjects: Sequence[Subject],
+    config: RunConfig,
+    progress: Progress,
+    *,
+    backends: Sequence[str],
+    body: bytes,
+    levels: Sequence[int],
+) -> tuple[list[dict[str, Any]], procs.Pinning]:
+    """Measure every (backend, level, subject) ``config.repetitions`` times; the samples.
+
+    Each sample has ``concurrency`` (the level: connections, and sessions
+    where each connection is a session).
+    """
+    pinning = procs.plan_pinning(config.pin)
+    samples: list[dict[str, Any]] = []
+    for backend in backends:
+        for rep in range(1, config.repetitions + 1):
+            with contextlib.ExitStack() as stack:
+                servers = [
+                    stack.enter_context(
+                        serve(
+                            subject.spec,
+                            backend,
+                            cpus=pinning.server,
+                            logdir=config.workdir,
+                            startup_timeout=config.startup_timeout,
+                            stop_timeout=config.stop_timeout,
+                        )
+                    )
+                    for subject in subjects
+                ]
+                for level in levels:
+                    for subject, server in zip(subjects, servers, strict=True):
+                        progress.start(f"{scenario} {backend} {subject.label} c={level} rep {rep}")
+                        if subject.prime:
+                            _prime(server, subject.path, body, level, config.startup_timeout)
+                        result = _drive(server, subject, config, pinning, body, level)
+                        progress.finish(describe(result))
+                        sample = _sample(backend, subject, rep, server, result)
+                        sample["concurrency"] = level
+                        samples.append(sample)
+    return samples, pinning
+
+
+def _drive(
+    server: RunningServer,
+    subject: Subject,
+    config: RunConfig,
+    pinning: procs.Pinning,
+    body: bytes,
+    connections: int,
+) -> dict[str, Any]:
+    """One load-generator run against ``server``: its JSON result."""
+    opts = loadgen.Options(
+        port=server.port,
+        unix=str(server.unix) if server.unix else None,
+        path=subject.path,
+        body=body,
+        connections=connections,
+        warmup=config.warmup,
+        duration=config.duration,
+        server_pid=server.pid,
+        churn=subject.churn,
+    )
+    timeout = config.warmup + config.duration + 30.0
+    result: dict[str, Any] = procs.run_json(
+        loadgen.command(opts), cpus=pinning.loadgen, timeout=timeout
+    )
+    return result
+
+
+def _sample(
+    backend: str, subject: Subject, rep: int, server: RunningServer, result: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "backend": backend,
+        "subject": subject.label,
+        "repetition": rep,
+        "command": subject.spec.command("127.0.0.1:PORT", backend),
+        "path": subject.path,
+        "startup_seconds": round(server.startup_seconds, 3),
+        "result": result,
+    }
 
 
 def _prime(server: RunningServer, path: str, body: bytes, count: int, timeout: float) -> None:

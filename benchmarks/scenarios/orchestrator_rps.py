@@ -1,20 +1,31 @@
-"""``orchestrator-rps``: invocations per second through the orchestrator.
+"""``orchestrator-rps``: invocations per second through the orchestrator, by concurrency.
 
 ``ppio-sandbox-cli serve`` with the in-process hello template
 (``benchmarks/templates/hello``), driven on the AgentCore-style route
 ``POST /v1/agents/bench-hello/invocations`` with one ``X-PPIO-Session-Id``
 per connection (the first request creates the session, later ones reuse
 it), against the bare raw-ASGI hello world on the same hypercorn and event
-loop (uvloop on asyncio, and trio). Target: orchestrator req/s >= 0.7 x
-the hello world's; p99 is reported as a ratio, not judged.
+loop (uvloop on asyncio, and trio), at 1, 4, 16, 64 and 256 concurrent
+connections, i.e. sessions (1 and 64 with ``--quick``; ``--concurrency``
+picks others). Both servers run for a whole repetition; at each level the
+hello world is measured, then the orchestrator. Target: orchestrator req/s
+>= 0.7 x the hello world's at the same concurrency; p99 is reported as a
+ratio, not judged. Plots: req/s and p50/p99 against concurrency.
 """
 
 from __future__ import annotations
 
-from ..core import Progress, RunConfig, ScenarioResult, Targets, summarize
+from ..core import (
+    Progress,
+    RunConfig,
+    ScenarioResult,
+    Targets,
+    concurrency_series,
+    summarize,
+)
 from ..servers import BASELINE, ORCHESTRATOR
 from . import register
-from ._loadtest import Subject, loadgen_note, noise_note, run_pairs
+from ._loadtest import Subject, loadgen_note, noise_note, run_sweep
 
 __all__ = ["OrchestratorRps"]
 
@@ -22,6 +33,8 @@ BODY = b'{"query":"hello"}'
 TEMPLATE = "bench-hello"
 PATH = f"/v1/agents/{TEMPLATE}/invocations"
 TARGETS = Targets(min_rps_ratio=0.7, max_p99_ratio=None)
+LEVELS = (1, 4, 16, 64, 256)
+QUICK_LEVELS = (1, 64)
 
 
 class OrchestratorRps:
@@ -29,8 +42,8 @@ class OrchestratorRps:
 
     name = "orchestrator-rps"
     description = (
-        "POST /v1/agents/<t>/invocations req/s, p50, p99 (in-process template, session per "
-        "connection) vs raw-ASGI hypercorn hello world"
+        "POST /v1/agents/<t>/invocations req/s, p50, p99 at 1..256 sessions (in-process "
+        "template, session per connection) vs raw-ASGI hypercorn hello world"
     )
     subjects = (
         Subject("baseline", BASELINE, PATH),
@@ -38,20 +51,30 @@ class OrchestratorRps:
     )
 
     def steps(self, config: RunConfig) -> int:
-        """One step per (backend, repetition, subject)."""
-        return len(config.backends) * config.repetitions * len(self.subjects)
+        """One step per (backend, repetition, level, subject)."""
+        levels = config.sweep(LEVELS, QUICK_LEVELS)
+        return len(config.backends) * config.repetitions * len(levels) * len(self.subjects)
 
     def run(self, config: RunConfig, progress: Progress) -> ScenarioResult:
-        """Measure every (backend, subject) pair ``config.repetitions`` times."""
-        samples, pinning = run_pairs(
-            self.name, self.subjects, config, progress, backends=config.backends, body=BODY
+        """Sweep the levels on every backend, ``config.repetitions`` times."""
+        levels = config.sweep(LEVELS, QUICK_LEVELS)
+        samples, pinning = run_sweep(
+            self.name,
+            self.subjects,
+            config,
+            progress,
+            backends=config.backends,
+            body=BODY,
+            levels=levels,
         )
         rows = summarize(self.name, samples, baseline="baseline", targets=TARGETS)
         notes = [
             f"pinning: {pinning.to_json()}",
             loadgen_note(samples),
-            f"orchestrator: one session per connection ({config.connections} sessions), "
-            "created by each connection's first request during the warm-up",
+            f"orchestrator: one session per connection (up to {max(levels)} sessions), "
+            "created by each connection's first request during the warm-up and kept "
+            "for the higher levels; both servers up for the whole repetition, the one "
+            "not measured idle on the same CPU",
         ]
         noise = noise_note(samples)
         if noise:
@@ -64,10 +87,12 @@ class OrchestratorRps:
             settings={
                 "body": BODY.decode(),
                 "path": PATH,
+                "levels": list(levels),
                 "template": str(ORCHESTRATOR.argv[ORCHESTRATOR.argv.index("--template") + 1]),
                 "targets": {"min_rps_ratio": TARGETS.min_rps_ratio},
                 "pinning": pinning.to_json(),
             },
+            series=concurrency_series(rows),
         )
 
 

@@ -1,0 +1,123 @@
+"""PNG plots of the scenarios' :class:`~benchmarks.core.Series`, drawn with matplotlib.
+
+matplotlib is optional (``pip install -e '.[bench]'``): without it
+:func:`missing` says why and :func:`draw_all` draws nothing. The Agg
+backend draws without a display; each plot is its own ``Figure`` (no
+pyplot global state).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .core import ScenarioResult, Series
+
+__all__ = ["Plot", "draw", "draw_all", "missing"]
+
+INSTALL_HINT = "pip install -e '.[bench]'"
+
+
+def missing() -> str | None:
+    """Why plots cannot be drawn (``None``: matplotlib is importable)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return f"matplotlib is not installed ({INSTALL_HINT})"
+    matplotlib.use("Agg")
+    return None
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A drawn plot: which scenario and series, and its file name in the report directory."""
+
+    scenario: str
+    series: Series
+    filename: str
+
+
+def _filename(scenario: str, name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{scenario}-{name}") + ".png"
+
+
+def draw(series: Series, path: Path, *, scenario: str) -> None:
+    """Draw ``series`` into the PNG file ``path`` (matplotlib must be importable)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
+
+    figure = Figure(figsize=(8, 4.8), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    palette = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours: dict[str, str] = {}
+    xs_seen: set[float] = set()
+    for line in series.lines:
+        if not line.points:
+            continue
+        points = sorted(line.points, key=lambda p: p.x)
+        group = line.group or line.label
+        colour = colours.setdefault(group, palette[len(colours) % len(palette)])
+        xs = [p.x for p in points]
+        ys = [p.y for p in points]
+        xs_seen.update(xs)
+        has_spread = all(p.low is not None and p.high is not None for p in points)
+        yerr = None
+        if has_spread:
+            yerr = [
+                [max(0.0, p.y - (p.low or p.y)) for p in points],
+                [max(0.0, (p.high or p.y) - p.y) for p in points],
+            ]
+        axes.errorbar(
+            xs,
+            ys,
+            yerr=yerr,
+            label=line.label,
+            color=colour,
+            linestyle="--" if line.dashed else "-",
+            marker="o",
+            markersize=4,
+            capsize=3 if has_spread else 0,
+        )
+    if series.x_log:
+        axes.set_xscale("log")
+    if series.y_log:
+        axes.set_yscale("log")
+    if series.x_log and 0 < len(xs_seen) <= 12:
+        axes.set_xticks(sorted(xs_seen))
+        formatter = ScalarFormatter()
+        formatter.set_scientific(False)
+        axes.xaxis.set_major_formatter(formatter)
+        axes.xaxis.set_minor_formatter(ScalarFormatter(useOffset=False))
+        axes.xaxis.set_tick_params(which="minor", labelbottom=False)
+    if not series.y_log:
+        axes.set_ylim(bottom=0)
+    axes.set_title(f"{scenario}: {series.title}", fontsize="medium")
+    axes.set_xlabel(series.x_label)
+    axes.set_ylabel(series.y_label)
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(fontsize="small", loc="best")
+    figure.savefig(path, format="png")
+
+
+def draw_all(results: Sequence[ScenarioResult], directory: Path) -> list[Plot]:
+    """Draw every non-empty series of ``results`` into ``directory``; the plots drawn.
+
+    Nothing when matplotlib is missing (see :func:`missing`).
+    """
+    if missing() is not None:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    plots: list[Plot] = []
+    for result in results:
+        for series in result.series:
+            if series.empty:
+                continue
+            filename = _filename(result.name, series.name)
+            draw(series, directory / filename, scenario=result.name)
+            plots.append(Plot(result.name, series, filename))
+    return plots
