@@ -14,7 +14,8 @@ The same names are importable from :mod:`ppio_sandbox.agent_runtime` (lazily).
 Errors are the shared tree of :mod:`ppio_sandbox.agent_runtime.errors`,
 re-exported here: the client raises the class the server named.
 
-Layout: ``_client`` (AgentRuntimeClient), ``_session`` (SandboxSession),
+Layout: ``_client`` (AgentRuntimeClient), ``_session`` (SandboxSession), ``_pool``
+(SessionPool: the supervisor's warm sessions),
 ``_invocation`` (replies and streams), ``_connection`` (httpx pool, deadlines,
 error mapping), ``_retry`` (when to retry), ``_auth`` (Bearer/HMAC),
 ``_templates`` (TTL cache, deploy; archives from ``agent_runtime.packaging``),
@@ -49,6 +50,7 @@ from ._client import AgentRuntimeClient
 from ._config import ClientConfig
 from ._invocation import InvocationStream
 from ._models import AgentTemplate, SessionInfo, Strategy
+from ._pool import PoolStats, PoolStream, PoolTimeoutError, SessionPool
 from ._retry import RetryPolicy
 from ._session import SandboxSession
 from ._sync import SyncAgentRuntimeClient
@@ -71,6 +73,9 @@ __all__ = [
     "NotFoundError",
     "PPIOAgentRuntimeError",
     "PermissionDeniedError",
+    "PoolStats",
+    "PoolStream",
+    "PoolTimeoutError",
     "RequestTooLargeError",
     "RetryPolicy",
     "SandboxCrashedError",
@@ -79,6 +84,7 @@ __all__ = [
     "SessionBusyError",
     "SessionInfo",
     "SessionNotFoundError",
+    "SessionPool",
     "Strategy",
     "SyncAgentRuntimeClient",
     "SyncInvocationStream",

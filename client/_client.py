@@ -27,6 +27,7 @@ from ._config import ClientConfig, resolve_credentials
 from ._connection import ApiConnection
 from ._invocation import InvocationStream, invoke, invoke_runtime
 from ._models import AgentTemplate, PreparedInvocation, RequestLike, SessionInfo, Strategy, convert
+from ._pool import HealthCheck, SessionPool
 from ._session import CLOSE_TIMEOUT, SandboxSession, session_path
 from ._templates import TemplateManager
 
@@ -363,6 +364,48 @@ class AgentRuntimeClient:
                 tg.start_soon(close, session)
         if errors:
             raise errors[0]
+
+    def pool(
+        self,
+        template_id: str,
+        *,
+        min_idle: int = 1,
+        max_size: int = 10,
+        timeout_seconds: float | None = None,
+        env_vars: Mapping[str, str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        acquire_timeout: float | None = 30.0,
+        health_check: HealthCheck = "status",
+        check_interval: float = 1.0,
+        recycle_margin: float = 5.0,
+        create_timeout: float = 60.0,
+    ) -> SessionPool:
+        """A pool of warm sessions of ``template_id``; start it with ``async with``.
+
+        ``min_idle`` sessions are kept ready, ``max_size`` at most exist;
+        ``pool.acquire()`` hands one out for exclusive use, ``pool.invoke()``
+        runs a turn on any of them. The other arguments are described in
+        :class:`SessionPool`.
+
+        >>> async def main(client):  # doctest: +SKIP
+        ...     async with client.pool("assistant", min_idle=2, max_size=8) as pool:
+        ...         async with pool.acquire(timeout=5) as session:
+        ...             print((await session.invoke("hello")).result)
+        """
+        return SessionPool(
+            self,
+            template_id,
+            min_idle=min_idle,
+            max_size=max_size,
+            timeout_seconds=timeout_seconds,
+            env_vars=env_vars,
+            metadata=metadata,
+            acquire_timeout=acquire_timeout,
+            health_check=health_check,
+            check_interval=check_interval,
+            recycle_margin=recycle_margin,
+            create_timeout=create_timeout,
+        )
 
     # -- templates ----------------------------------------------------------
 
