@@ -1,16 +1,19 @@
 """`make demo`: the agent runtime and the orchestrator, for real, on loopback.
 
 Part 1 starts ``simple_agent.py`` and ``streaming_agent.py`` with
-``python -m ppio_sandbox.agent_runtime`` and calls them (a two-turn session
-and a streamed answer). Part 2 starts the orchestrator
-(``ppio-sandbox-cli serve``) with the ``assistant`` template, runs a
-multi-turn session, a streamed turn and a burst of concurrent sessions with
-a progress bar, prints a summary table and stops it with SIGTERM. Every
-server is stopped whatever happens.
+``python -m ppio_sandbox.agent_runtime`` and calls them over plain HTTP (a
+two-turn session and a streamed answer). Part 2 starts the orchestrator
+(``ppio-sandbox-cli serve``) with the ``assistant`` template and calls it
+through the client (:class:`AgentRuntimeClient`): the template list, a
+one-shot invocation, a multi-turn session with a streamed turn, the CLI's
+``session list`` meanwhile, then a burst of concurrent sessions with a
+progress bar and a summary table; SIGTERM stops it. Every server is stopped
+whatever happens. ``--sessions``/``--turns`` size the burst.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import socket
 import subprocess
@@ -23,6 +26,13 @@ from typing import Any
 
 import anyio
 import httpx
+
+from ppio_sandbox.client import (
+    AgentRuntimeClient,
+    ClientConfig,
+    InvocationRequest,
+    PPIOAgentRuntimeError,
+)
 
 HERE = Path(__file__).resolve().parent / "agent_runtime"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -83,7 +93,7 @@ def _serving(name: str, command: list[str], url: str) -> Iterator[str]:
             print(f"{name} exited with code {code}", file=sys.stderr)
 
 
-def main() -> None:
+def main(sessions: int = 200, turns: int = 3) -> None:
     with serve_agent("simple_agent.py") as url, httpx.Client(base_url=url, timeout=30) as http:
         print("GET /ping ->", http.get("/ping").json())
         for query in ("hello", "how many turns so far?"):
@@ -105,11 +115,11 @@ def main() -> None:
                 if line.startswith("data: ") and not line.startswith('data: {"request_id"'):
                     print(f"{line[6:]} (+{time.monotonic() - started:.2f}s) ", end="", flush=True)
         print("\nboth agents stopped\n")
-    orchestrator_demo()
+    orchestrator_demo(sessions, turns)
 
 
 def orchestrator_demo(sessions: int = 200, turns: int = 3) -> None:
-    """Part 2: the orchestrator hosting the assistant template."""
+    """Part 2: the orchestrator hosting the assistant template, called through the client."""
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="ppio-demo-") as data:
         command = [
@@ -127,33 +137,31 @@ def orchestrator_demo(sessions: int = 200, turns: int = 3) -> None:
             "WARNING",
         ]
         url = f"http://127.0.0.1:{port}"
-        with (
-            _serving("the orchestrator", command, url),
-            httpx.Client(base_url=url, timeout=30) as http,
-        ):
-            created = http.post("/v1/sessions", json={"template_id": "assistant"})
-            created.raise_for_status()
-            sid = created.json()["session_id"]
-            print(f"session {sid}:")
-            for prompt in ("hello", "what is the weather?", "thanks"):
-                reply = http.post(f"/v1/sessions/{sid}/invocations", json={"prompt": prompt})
-                reply.raise_for_status()
-                print(
-                    f"  turn {reply.json()['result']['turn']}: {reply.json()['result']['answer']}"
-                )
-            print("  streamed: ", end="", flush=True)
-            with http.stream(
-                "POST",
-                f"/v1/sessions/{sid}/invocations",
-                json={"prompt": "stream it", "stream": True},
-            ) as reply:
-                for line in reply.iter_lines():
-                    if line.startswith("data: ") and line[6:7] == '"':
-                        print(line[7:-1], end=" ", flush=True)
-            print()
-            http.delete(f"/v1/sessions/{sid}").raise_for_status()
+        with _serving("the orchestrator", command, url):
+            anyio.run(_tour, url)
             stats = anyio.run(_burst, url, sessions, turns)
         _print_summary(stats, sessions, turns)
+
+
+async def _tour(url: str) -> None:
+    """Templates, a one-shot call, a multi-turn session, a streamed turn, and the CLI."""
+    config = ClientConfig(base_url=url, timeout=30)
+    async with AgentRuntimeClient(config=config) as client:
+        templates = await client.list_templates()
+        print("templates:", ", ".join(f"{t.template_id} ({t.phase})" for t in templates))
+        once = await client.invoke_agent("assistant", InvocationRequest(prompt="hello"))
+        print(f"one-shot: {once.result['answer']}")
+        async with await client.create_session("assistant", timeout_seconds=600) as session:
+            print(f"session {session.session_id}:")
+            for prompt in ("hello", "what is the weather?", "thanks"):
+                reply = await session.invoke({"prompt": prompt})
+                print(f"  turn {reply.result['turn']}: {reply.result['answer']}")
+            print("  streamed: ", end="", flush=True)
+            async for word in session.stream({"prompt": "stream it", "stream": True}):
+                print(word, end=" ", flush=True)
+            print("\n$ ppio-sandbox-cli session list", flush=True)
+            cli = [sys.executable, "-m", "ppio_sandbox.orchestrator.cli", "session", "list"]
+            await anyio.run_process([*cli, "--base-url", url], stdout=None, stderr=None)
 
 
 async def _burst(url: str, sessions: int, turns: int) -> dict[str, Any]:
@@ -165,9 +173,11 @@ async def _burst(url: str, sessions: int, turns: int) -> dict[str, Any]:
     # All sessions are started at once; 16 talk at a time. (httpcore's pool
     # spends milliseconds of CPU per request with 64 connections and hundreds
     # of waiting tasks: measured 5 ms/request vs 0.7 ms here.)
-    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    config = ClientConfig(
+        base_url=url, timeout=60, max_connections=16, max_keepalive_connections=16
+    )
     talking = anyio.CapacityLimiter(16)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+    async with AgentRuntimeClient(config=config) as client:
 
         async def one_session(n: int) -> None:
             async with talking:
@@ -175,22 +185,23 @@ async def _burst(url: str, sessions: int, turns: int) -> dict[str, Any]:
 
         async def _converse(n: int) -> None:
             nonlocal errors, done
-            r = await http.post("/v1/sessions", json={"template_id": "assistant"})
-            if r.status_code != 201:
+            try:
+                session = await client.create_session("assistant")
+            except PPIOAgentRuntimeError:
                 errors += turns
                 done += turns
                 return
-            sid = r.json()["session_id"]
-            for t in range(turns):
-                started = time.perf_counter()
-                r = await http.post(
-                    f"/v1/sessions/{sid}/invocations", json={"prompt": f"s{n} t{t}"}
-                )
-                latencies.append(time.perf_counter() - started)
-                errors += r.status_code != 200 or r.json()["result"]["turn"] != t + 1
-                done += 1
-                _progress(done, total)
-            await http.delete(f"/v1/sessions/{sid}")
+            async with session:
+                for t in range(turns):
+                    started = time.perf_counter()
+                    try:
+                        reply = await session.invoke({"prompt": f"s{n} t{t}"})
+                        errors += reply.result["turn"] != t + 1
+                    except PPIOAgentRuntimeError:
+                        errors += 1
+                    latencies.append(time.perf_counter() - started)
+                    done += 1
+                    _progress(done, total)
 
         started = time.perf_counter()
         async with anyio.create_task_group() as tg:
@@ -235,4 +246,8 @@ def _print_summary(stats: dict[str, Any], sessions: int, turns: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__)
+    parser.add_argument("--sessions", type=int, default=200, help="sessions in the burst")
+    parser.add_argument("--turns", type=int, default=3, help="turns per session in the burst")
+    options = parser.parse_args()
+    main(options.sessions, options.turns)

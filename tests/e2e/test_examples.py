@@ -28,3 +28,29 @@ def test_client_example_talks_to_an_orchestrator_hosting_the_assistant(tmp_path:
     assert "Response: {'answer': \"(1) you said 'Hello, world!'" in out
     assert "before that: 'my name is Ada'" in out  # the session remembered turn 1
     assert "chunk: said" in out  # and streamed turn 3
+
+
+def test_demo_runs_both_parts_through_the_client_and_the_cli() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.demo", "--sessions", "20", "--turns", "2"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PPIO_")},
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "POST /invocations 'hello' -> {'response': 'Processed: hello'" in out  # part 1
+    assert "templates: assistant-" in out  # part 2, through the client
+    assert "one-shot: (1) you said 'hello'" in out
+    assert "  turn 3: (3) you said 'thanks'; before that: 'what is the weather?'" in out
+    assert "  streamed: (4) you said 'stream it'" in out
+    cli_table = out.split("$ ppio-sandbox-cli session list\n", 1)[1].splitlines()
+    assert cli_table[0].split()[:3] == ["SESSION", "ID", "TEMPLATE"]
+    assert cli_table[1].split()[2:4] == ["ready", "4"]  # the session, mid-conversation
+    assert "turns answered      | 40" in out
+    assert "errors              | 0" in out
+    assert "demo finished" in out
+    assert "burst [" in done.stderr  # the progress bar
