@@ -14,20 +14,39 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_client_example_talks_to_an_orchestrator_hosting_the_assistant(tmp_path: Path) -> None:
     template = str(ROOT / "examples" / "templates" / "assistant")
+    keys = ("--api-key", "demo:k1:s3cret")
     with serving(
-        tmp_path / "serve", "--template", template, data_dir=tmp_path / "data", tcp="127.0.0.1"
+        tmp_path / "serve",
+        "--template",
+        template,
+        *keys,
+        data_dir=tmp_path / "data",
+        tcp="127.0.0.1",
     ) as server:
+        credentials = {
+            "PPIO_API_KEY": "k1",
+            "PPIO_API_SECRET": "s3cret",
+            "PPIO_BEARER_TOKEN": "s3cret",
+        }
         out = subprocess.run(
             [sys.executable, str(ROOT / "examples" / "agent_runtime" / "client_example.py")],
-            env={**os.environ, "PPIO_BASE_URL": server.base_url},
+            env={**os.environ, "PPIO_BASE_URL": server.base_url, **credentials},
             capture_output=True,
             text=True,
             timeout=60,
             check=True,
         ).stdout
+    assert "auth='hmac'" in out  # the seed's HMAC client
+    assert "Templates: assistant (deployed)" in out
     assert "Response: {'answer': \"(1) you said 'Hello, world!'" in out
     assert "before that: 'my name is Ada'" in out  # the session remembered turn 1
     assert "chunk: said" in out  # and streamed turn 3
+    assert "Session closed: session sess-" in out
+    assert "Template not found: " in out
+    assert "no-such-agent" in out
+    assert "Bearer response: {'answer': \"(1) you said 'bearer?'" in out
+    assert "Authentication failed" not in out
+    assert "Unexpected" not in out
 
 
 def test_demo_runs_both_parts_through_the_client_and_the_cli() -> None:
