@@ -668,7 +668,13 @@ class PoolStream:
             return
         if self._closed:
             raise RuntimeError("this stream is closed")
-        pool = self._pool
+        try:
+            await self._open(self._pool)
+        except BaseException:
+            self._closed = True
+            raise
+
+    async def _open(self, pool: SessionPool) -> None:
         for attempt in (1, 2):
             item = await pool._checkout(self._acquire_timeout)
             stream = item.session.stream(

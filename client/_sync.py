@@ -24,6 +24,7 @@ from ._client import AgentRuntimeClient
 from ._config import ClientConfig
 from ._invocation import InvocationStream
 from ._models import AgentTemplate, RequestLike, Strategy
+from ._sync_pool import SyncSessionPool
 from ._sync_session import SyncInvocationStream, SyncSandboxSession, blocking
 
 __all__ = ["SyncAgentRuntimeClient"]
@@ -228,6 +229,10 @@ class SyncAgentRuntimeClient:
 
     def close_all_sessions(self) -> None:
         self._portal.call(self.client.close_all_sessions)
+
+    def pool(self, template_id: str, **options: Any) -> SyncSessionPool:
+        """A pool of warm sessions, used with ``with``; see :meth:`AgentRuntimeClient.pool`."""
+        return SyncSessionPool(self._portal, self.client.pool(template_id, **options))
 
     # -- templates ----------------------------------------------------------
 

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import anyio.lowlevel
+import httpx
 import pytest
 from anyio.abc import TaskStatus
+from anyio.from_thread import start_blocking_portal
 
 from ppio_sandbox.client import (
+    ClientConfig,
     InvocationTimeoutError,
     PoolStats,
     PoolTimeoutError,
     SandboxSession,
     SessionNotFoundError,
     SessionPool,
+    SyncAgentRuntimeClient,
 )
 
 from .conftest import Running, client_for, orchestrator
@@ -324,3 +328,30 @@ async def test_a_pool_of_an_unknown_template_tells_the_acquirer_why(tmp_path: Pa
                 pass
         assert type(caught.value).__name__ == "TemplateNotFoundError"
         assert pool.stats().size == 0
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Running]:
+    """An orchestrator on an event loop in a background thread (for the blocking facade)."""
+    with (
+        start_blocking_portal("asyncio") as portal,
+        portal.wrap_async_context_manager(orchestrator(tmp_path)) as running,
+    ):
+        yield running
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_blocking_facade_pools_sessions_too(served: Running, backend: str) -> None:
+    config = ClientConfig(base_url="http://orchestrator")
+    transport = httpx.AsyncHTTPTransport(uds=str(served.sock))
+    with (
+        SyncAgentRuntimeClient(config=config, transport=transport, backend=backend) as client,
+        client.pool("echo", min_idle=1, max_size=1, acquire_timeout=0.2) as pool,
+    ):
+        with pool.acquire() as session:
+            assert session.invoke("one").result["turn"] == 1
+            with pytest.raises(PoolTimeoutError):
+                pool.invoke("no session free")
+        assert pool.invoke("two").result["turn"] == 2  # the same session, given back
+        assert pool.stats().idle == 1
+    assert served.host.list_sessions("default") == []
