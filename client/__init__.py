@@ -19,8 +19,8 @@ Layout: ``_client`` (AgentRuntimeClient), ``_session`` (SandboxSession), ``_pool
 ``_invocation`` (replies and streams), ``_connection`` (httpx pool, deadlines,
 error mapping), ``_retry`` (when to retry), ``_auth`` (Bearer/HMAC),
 ``_templates`` (TTL cache, deploy; archives from ``agent_runtime.packaging``),
-``_models`` (views, encoding once), ``_config``, ``_sync`` and ``_sync_session``
-(the blocking facade).
+``_models`` (views, encoding once), ``_config``, ``_sync``, ``_sync_session`` and
+``_sync_pool`` (the blocking facade).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from ._pool import PoolStats, PoolStream, PoolTimeoutError, SessionPool
 from ._retry import RetryPolicy
 from ._session import SandboxSession
 from ._sync import SyncAgentRuntimeClient
+from ._sync_pool import SyncSessionPool
 from ._sync_session import SyncInvocationStream, SyncSandboxSession
 from ._templates import TemplateManager
 
@@ -89,6 +90,7 @@ __all__ = [
     "SyncAgentRuntimeClient",
     "SyncInvocationStream",
     "SyncSandboxSession",
+    "SyncSessionPool",
     "TemplateManager",
     "TemplateNotFoundError",
     "TooManyRequestsError",

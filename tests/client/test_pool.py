@@ -22,6 +22,7 @@ from ppio_sandbox.client import (
     SessionPool,
     SyncAgentRuntimeClient,
 )
+from ppio_sandbox.client._pool import HealthCheck
 
 from .conftest import Running, client_for, orchestrator
 
@@ -63,13 +64,14 @@ async def test_min_idle_sessions_are_created_ahead_and_kept_as_sessions_are_take
         assert isinstance(stats, PoolStats)
 
 
+@pytest.mark.parametrize("check", ["status", "ping"])
 async def test_a_session_closed_behind_the_pools_back_is_replaced_on_acquire(
-    tmp_path: Path,
+    tmp_path: Path, check: HealthCheck
 ) -> None:
     async with (
         orchestrator(tmp_path) as o,
         client_for(o) as client,
-        client.pool("echo", min_idle=1, max_size=2, check_interval=0) as pool,
+        client.pool("echo", min_idle=1, max_size=2, check_interval=0, health_check=check) as pool,
     ):
         await until(lambda: pool.stats().idle == 1, "an idle session")
         (lost,) = server_sessions(o)
