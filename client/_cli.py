@@ -23,8 +23,10 @@ them (``serve`` never imports the client); :func:`run` runs the one parsed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import os
 import sys
 import tarfile
 import time
@@ -443,6 +445,13 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the parsed command; the process's exit code."""
     handler: Handler = args.handler
@@ -453,6 +462,9 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(leaf, KeyboardInterrupt):
             print("interrupted", file=sys.stderr, flush=True)
             return 130
+        if isinstance(leaf, BrokenPipeError):  # `... | head`: the reader has had enough
+            _silence_stdout()
+            return 1
         if isinstance(leaf, PPIOAgentRuntimeError | OSError | ValueError | yaml.YAMLError):
             message = " ".join(str(leaf).split()) or "(no message)"
             print(f"error: {type(leaf).__name__}: {message}", file=sys.stderr, flush=True)

@@ -51,6 +51,17 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
 
 
+_EXAMPLES = """\
+examples:
+  ppio-sandbox-cli serve --template examples/templates/assistant
+  ppio-sandbox-cli agent deploy --config .ppio-agent.yaml
+  ppio-sandbox-cli agent invoke --template-id assistant --input "hello" [--stream]
+  ppio-sandbox-cli agent list --json
+  ppio-sandbox-cli session list
+  ppio-sandbox-cli session close ID
+"""
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The parser for ``argv``: the client's commands are left out when it runs ``serve``.
 
@@ -60,7 +71,8 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="ppio-sandbox-cli",
-        description=__doc__,
+        description="Serve the orchestrator; deploy, invoke and list agents and sessions on it.",
+        epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)

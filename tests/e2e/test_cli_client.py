@@ -423,6 +423,20 @@ def test_ctrl_c_exits_130_without_a_traceback_and_ends_the_session(
     assert not [s for s in listed if s["session_id"].startswith("oneshot-")], listed
 
 
+def test_a_reader_that_stops_early_ends_the_command_quietly(server: ServeProcess) -> None:
+    proc = _start_stream(server, "asyncio", count=100_000, delay=0.0)  # like `... | head -1`
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline()) == {"i": 0}
+        proc.stdout.close()
+        assert proc.wait(20) == 1
+        assert proc.stderr is not None
+        assert proc.stderr.read() == ""
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 def test_serve_does_not_import_the_client() -> None:
     code = (
         "import sys; from ppio_sandbox.orchestrator import cli; "
