@@ -15,7 +15,7 @@ Errors are the shared tree of :mod:`ppio_sandbox.agent_runtime.errors`,
 re-exported here: the client raises the class the server named.
 
 Layout: ``_client`` (AgentRuntimeClient), ``_session`` (SandboxSession), ``_pool``
-(SessionPool: the supervisor's warm sessions),
+(SessionPool: the supervisor's warm sessions; ``_pool_stream``, a pooled turn's chunks),
 ``_invocation`` (replies and streams), ``_connection`` (httpx pool, deadlines,
 error mapping), ``_retry`` (when to retry), ``_auth`` (Bearer/HMAC),
 ``_templates`` (TTL cache, deploy; archives from ``agent_runtime.packaging``),
@@ -50,7 +50,8 @@ from ._client import AgentRuntimeClient
 from ._config import ClientConfig
 from ._invocation import InvocationStream
 from ._models import AgentTemplate, SessionInfo, Strategy
-from ._pool import PoolStats, PoolStream, PoolTimeoutError, SessionPool
+from ._pool import PoolStats, PoolTimeoutError, SessionPool
+from ._pool_stream import PoolStream
 from ._retry import RetryPolicy
 from ._session import SandboxSession
 from ._sync import SyncAgentRuntimeClient

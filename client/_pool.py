@@ -45,14 +45,14 @@ from ppio_sandbox.agent_runtime.errors import (
 )
 from ppio_sandbox.agent_runtime.protocol import InvocationResponse
 
-from ._invocation import InvocationStream
 from ._models import RequestLike, Strategy
+from ._pool_stream import LOST, PoolStream
 from ._session import CLOSE_TIMEOUT, SandboxSession
 
 if TYPE_CHECKING:
     from ._client import AgentRuntimeClient
 
-__all__ = ["HealthCheck", "PoolStats", "PoolStream", "PoolTimeoutError", "SessionPool"]
+__all__ = ["HealthCheck", "PoolStats", "PoolTimeoutError", "SessionPool"]
 
 logger = logging.getLogger("ppio_sandbox.client")
 
@@ -69,8 +69,6 @@ _USABLE = frozenset({"starting", "ready", "busy"})
 _MAX_BACKOFF = 5.0
 #: The maintainer looks at the idle sessions at least this often (seconds).
 _MAX_SLEEP = 30.0
-
-_LOST = (SessionNotFoundError, SandboxCrashedError)
 
 
 class PoolTimeoutError(InvocationTimeoutError):
@@ -308,7 +306,7 @@ class SessionPool:
         lost = False
         try:
             yield item.session
-        except _LOST:
+        except LOST:
             lost = True
             raise
         finally:
@@ -396,7 +394,7 @@ class SessionPool:
                         left = info.expires_at - time.time()
                         if left < self._margin(item):
                             return False
-            except (*_LOST, ValidationError):  # ValidationError: no running sandbox
+            except (*LOST, ValidationError):  # ValidationError: no running sandbox
                 return False
         if scope.cancelled_caught:
             if anyio.current_time() >= deadline:
@@ -619,122 +617,3 @@ class SessionPool:
             timeout=timeout,
             acquire_timeout=acquire_timeout,
         )
-
-
-class PoolStream:
-    """The chunks of one turn on a pooled session: an async iterator.
-
-    Returned by :meth:`SessionPool.stream`. The request is sent on the first
-    iteration (or ``async with``); the session returns to the pool when the
-    stream ends, fails or is closed.
-    """
-
-    def __init__(
-        self,
-        pool: SessionPool,
-        request: RequestLike,
-        *,
-        strategy: Strategy | None,
-        idempotency_key: str | None,
-        timeout: float | None,
-        acquire_timeout: float | None,
-    ) -> None:
-        self._pool = pool
-        self._request = request
-        self._strategy: Strategy | None = strategy
-        self._key = idempotency_key
-        self._timeout = timeout
-        self._acquire_timeout = acquire_timeout
-        self._item: _Pooled | None = None
-        self._stream: InvocationStream | None = None
-        self._closed = False
-
-    @property
-    def session(self) -> SandboxSession | None:
-        """The session the turn runs in (once open)."""
-        return self._item.session if self._item is not None else None
-
-    @property
-    def last_event_id(self) -> str | None:
-        return self._stream.last_event_id if self._stream is not None else None
-
-    @property
-    def summary(self) -> dict[str, Any] | None:
-        return self._stream.summary if self._stream is not None else None
-
-    async def open(self) -> None:
-        """Take a session and send the request (once)."""
-        if self._stream is not None:
-            return
-        if self._closed:
-            raise RuntimeError("this stream is closed")
-        try:
-            await self._open(self._pool)
-        except BaseException:
-            self._closed = True
-            raise
-
-    async def _open(self, pool: SessionPool) -> None:
-        for attempt in (1, 2):
-            item = await pool._checkout(self._acquire_timeout)
-            stream = item.session.stream(
-                self._request,
-                strategy=self._strategy,
-                idempotency_key=self._key,
-                timeout=self._timeout,
-            )
-            try:
-                await stream.open()
-            except SessionNotFoundError:
-                pool._checkin(item, lost=True)
-                if attempt == 2:
-                    raise
-                continue
-            except BaseException as exc:
-                pool._checkin(item, lost=isinstance(exc, _LOST))
-                raise
-            self._item, self._stream = item, stream
-            return
-
-    def _release(self, *, lost: bool) -> None:
-        self._closed = True
-        item, self._item = self._item, None
-        if item is not None:
-            self._pool._checkin(item, lost=lost)
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Any:
-        if self._stream is None:
-            if self._closed:
-                raise StopAsyncIteration
-            await self.open()
-        assert self._stream is not None
-        try:
-            return await self._stream.__anext__()
-        except StopAsyncIteration:
-            self._release(lost=False)
-            raise
-        except BaseException as exc:
-            await self._stream.aclose()
-            self._release(lost=isinstance(exc, _LOST))
-            raise
-
-    async def aclose(self) -> None:
-        """Release the connection and give the session back."""
-        if self._stream is not None:
-            await self._stream.aclose()
-        self._release(lost=False)
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
