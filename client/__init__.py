@@ -17,7 +17,7 @@ re-exported here: the client raises the class the server named.
 Layout: ``_client`` (AgentRuntimeClient), ``_session`` (SandboxSession), ``_pool``
 (SessionPool: the supervisor's warm sessions; ``_pool_stream``, a pooled turn's chunks),
 ``_invocation`` (replies and streams), ``_connection`` (httpx pool, deadlines,
-error mapping), ``_retry`` (when to retry), ``_auth`` (Bearer/HMAC),
+error mapping), ``_retry`` (when to retry, retry budget), ``_auth`` (Bearer/HMAC),
 ``_templates`` (TTL cache, deploy; archives from ``agent_runtime.packaging``),
 ``_models`` (views, encoding once), ``_config``, ``_sync``, ``_sync_session`` and
 ``_sync_pool`` (the blocking facade).
@@ -52,7 +52,7 @@ from ._invocation import InvocationStream
 from ._models import AgentTemplate, SessionInfo, Strategy
 from ._pool import PoolStats, PoolTimeoutError, SessionPool
 from ._pool_stream import PoolStream
-from ._retry import RetryPolicy
+from ._retry import RetryBudget, RetryPolicy
 from ._session import SandboxSession
 from ._sync import SyncAgentRuntimeClient
 from ._sync_pool import SyncSessionPool
@@ -79,6 +79,7 @@ __all__ = [
     "PoolStream",
     "PoolTimeoutError",
     "RequestTooLargeError",
+    "RetryBudget",
     "RetryPolicy",
     "SandboxCrashedError",
     "SandboxSession",

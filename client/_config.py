@@ -30,6 +30,10 @@ API_SECRET_ENV = "PPIO_API_SECRET"
 Wire = Literal["json", "msgpack"]
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _base_url_from_env() -> str:
     return os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
 
@@ -47,7 +51,14 @@ class ClientConfig:
     connection. Failed calls are retried ``max_retries`` times when that is
     safe (see ``_retry.py``), waiting ``retry_backoff * 2**attempt`` at most
     (capped by ``retry_max_backoff``, full jitter) or what ``Retry-After``
-    says. ``enable_cache``/``cache_ttl`` govern the template cache. ``wire``
+    says. All retries of one client share a retry budget (a token bucket,
+    see :class:`RetryBudget`): each call adds ``retry_budget_ratio`` of a
+    token (at most ``retry_budget_max_tokens`` are kept), each retry takes
+    one, so a failing server sees at most that ratio of extra requests; a
+    reserve of ``retry_budget_min_tokens`` per second lets a quiet client
+    still retry. ``retry_budget_ratio=None`` turns the budget off (only
+    ``max_retries`` bounds retries). ``enable_cache``/``cache_ttl`` govern
+    the template cache. ``wire``
     picks the encoding of invocation bodies and replies (``"json"`` or
     ``"msgpack"``; streams are always Server-Sent Events with JSON data).
     ``deploy_timeout`` bounds :meth:`AgentRuntimeClient.deploy_template`'s
@@ -62,6 +73,9 @@ class ClientConfig:
     connect_timeout: float = 5
     retry_backoff: float = 0.2
     retry_max_backoff: float = 10.0
+    retry_budget_ratio: float | None = 0.1
+    retry_budget_min_tokens: float = 3.0
+    retry_budget_max_tokens: float = 100.0
     wire: Wire = "json"
     max_connections: int = 100
     max_keepalive_connections: int = 20
@@ -79,6 +93,22 @@ class ClientConfig:
         for name in ("cache_ttl", "retry_backoff", "retry_max_backoff"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        ratio = self.retry_budget_ratio
+        if ratio is not None and not (_finite(ratio) and ratio >= 0):
+            raise ValueError(
+                f"retry_budget_ratio must be a number >= 0 (extra requests per call), "
+                f"or None for no budget; got {ratio!r}"
+            )
+        if not (_finite(self.retry_budget_min_tokens) and self.retry_budget_min_tokens >= 0):
+            raise ValueError(
+                f"retry_budget_min_tokens must be a number >= 0, "
+                f"got {self.retry_budget_min_tokens!r}"
+            )
+        if not (_finite(self.retry_budget_max_tokens) and self.retry_budget_max_tokens >= 1):
+            raise ValueError(
+                f"retry_budget_max_tokens must be a number >= 1 (a retry costs one token), "
+                f"got {self.retry_budget_max_tokens!r}"
+            )
         for name in ("connect_timeout", "deploy_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")

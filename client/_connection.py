@@ -5,7 +5,10 @@
 - carries an ``Idempotency-Key`` (one per logical call, the same on every retry);
 - runs under a deadline (an anyio cancel scope), past which it raises
   :class:`InvocationTimeoutError` at once;
-- is retried as :mod:`._retry` allows;
+- is retried as :mod:`._retry` allows, within the client's one
+  :class:`RetryBudget` (a reply that is not an event stream is read inside
+  the attempt, so a connection lost while reading it is retried like one
+  lost before the reply);
 - turns the server's error envelope into the exception class the server
   named (:func:`error_from_envelope`), and a transport failure into a
   :class:`ServiceUnavailableError` ("cannot reach ...") or
@@ -32,6 +35,7 @@ from ppio_sandbox.agent_runtime.protocol import (
     CONTENT_JSON,
     CONTENT_MSGPACK,
     HEADER_IDEMPOTENCY_KEY,
+    HEADER_LAST_EVENT_ID,
     HEADER_REQUEST_ID,
     decode_json,
     decode_msgpack,
@@ -40,7 +44,7 @@ from ppio_sandbox.agent_runtime.protocol import (
 
 from ._config import ClientConfig
 from ._models import PreparedInvocation, new_key
-from ._retry import RetryPolicy, parse_retry_after, send_with_retries
+from ._retry import RetryBudget, RetryPolicy, RetryState, parse_retry_after
 
 __all__ = ["ApiConnection", "decode_reply", "error_from_response", "is_event_stream"]
 
@@ -96,6 +100,13 @@ class ApiConnection:
         self.retry = RetryPolicy(
             max_retries=config.max_retries, base=config.retry_backoff, cap=config.retry_max_backoff
         )
+        self.budget: RetryBudget | None = None
+        if config.retry_budget_ratio is not None:
+            self.budget = RetryBudget(
+                config.retry_budget_ratio,
+                config.retry_budget_min_tokens,
+                config.retry_budget_max_tokens,
+            )
         # No httpx read/pool timeouts: each call's deadline is an anyio cancel scope.
         self.http = httpx.AsyncClient(
             base_url=config.base_url,
@@ -119,6 +130,10 @@ class ApiConnection:
 
     # -- sending ------------------------------------------------------------
 
+    def retry_state(self, *, idempotent: bool, deadline: float = math.inf) -> RetryState:
+        """The retry state of one logical call (it spends from this client's budget)."""
+        return RetryState(self.retry, self.budget, idempotent=idempotent, deadline=deadline)
+
     async def send(
         self,
         method: str,
@@ -130,11 +145,15 @@ class ApiConnection:
         params: Mapping[str, str] | None = None,
         idempotent: bool,
         deadline: float = math.inf,
+        retries: RetryState | None = None,
     ) -> httpx.Response:
-        """Send with retries; the response is open (streamed) and its status < 400.
+        """Send with retries; the response has status < 400 and is read, or an open stream.
 
-        The caller reads or closes it. An error status is read, closed and
-        raised as the server's exception; a transport error is translated.
+        An event stream is left open for the caller to read; any other reply
+        is read in full before it is returned (the caller still closes it).
+        An error status is raised as the server's exception; a transport
+        error is translated. ``retries`` continues an earlier attempt's
+        count (a resumed stream); by default the call starts its own.
         """
         all_headers = {HEADER_IDEMPOTENCY_KEY: new_key(), HEADER_REQUEST_ID: new_key()}
         all_headers.update(headers or {})
@@ -145,12 +164,18 @@ class ApiConnection:
             request = self.http.build_request(
                 method, path, content=content, headers=all_headers, params=params
             )
-            return await self.http.send(request, stream=True)
+            response = await self.http.send(request, stream=True)
+            if not is_event_stream(response):
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+            return response
 
+        if retries is None:
+            retries = self.retry_state(idempotent=idempotent, deadline=deadline)
         try:
-            response = await send_with_retries(
-                attempt, self.retry, idempotent=idempotent, deadline=deadline
-            )
+            response = await retries.send(attempt)
         except httpx.TransportError as exc:
             self.raise_transport_error(exc)
         if response.status_code >= 400:
@@ -198,20 +223,32 @@ class ApiConnection:
             return decode_reply(response)
         raise InvocationTimeoutError(f"{method} {path}: no reply within {seconds:g} s")
 
-    async def open_invocation(self, inv: PreparedInvocation) -> httpx.Response:
+    async def open_invocation(
+        self,
+        inv: PreparedInvocation,
+        *,
+        retries: RetryState | None = None,
+        last_event_id: str | None = None,
+    ) -> httpx.Response:
         """Send an invocation; the open response (JSON envelope or event stream).
 
+        ``last_event_id`` resumes a broken stream after that event (the same
+        body and ``Idempotency-Key``: the server replays or rejoins the turn).
         The caller holds the deadline's cancel scope.
         """
+        headers = inv.headers
+        if last_event_id is not None:
+            headers = {**headers, HEADER_LAST_EVENT_ID: last_event_id}
         return await self.send(
             "POST",
             inv.path,
             content=inv.body,
             content_type=inv.content_type,
-            headers=inv.headers,
+            headers=headers,
             params=inv.params,
             idempotent=True,  # the server deduplicates on the Idempotency-Key
             deadline=inv.deadline,
+            retries=retries,
         )
 
     def raise_transport_error(self, exc: httpx.TransportError) -> NoReturn:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -17,6 +17,7 @@ from ppio_sandbox.client import (
     AuthManager,
     ClientConfig,
     InvocationTimeoutError,
+    RetryBudget,
     RetryPolicy,
     SandboxCrashedError,
     ServiceUnavailableError,
@@ -196,3 +197,113 @@ def test_auth_manager_bearer_and_signature() -> None:
     assert signed.access_key == "k1"
     with pytest.raises(ValueError, match="api_key"):
         AuthManager("")
+
+
+# -- the retry budget -----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def outage(budget: RetryBudget, clock: Clock, calls: int, *, every: float, retries: int = 3) -> int:
+    """Retries ``budget`` allows over ``calls`` failing calls ``every`` seconds apart."""
+    extra = 0
+    for _ in range(calls):
+        clock.now += every
+        budget.deposit()
+        for _ in range(retries):
+            if not budget.try_withdraw():
+                break
+            extra += 1
+    return extra
+
+
+def test_the_retry_budget_holds_a_steady_outage_to_its_ratio() -> None:
+    for ratio, calls in ((0.1, 500), (0.1, 1001), (0.2, 700), (0.05, 400)):
+        clock = Clock()
+        budget = RetryBudget(ratio, min_tokens=3, clock=clock)
+        extra = outage(budget, clock, calls, every=0.002)
+        assert extra <= ratio * calls, (ratio, calls, extra)
+        assert extra >= 3  # the reserve still paid for the first failure's retries
+        assert budget.refusals > 0
+    # No ratio: the reserve alone, which rests while the outage lasts.
+    clock = Clock()
+    assert outage(RetryBudget(0.0, min_tokens=3, clock=clock), clock, 300, every=0.002) == 3
+    # Deposits are capped: a long healthy spell does not buy an unbounded burst.
+    clock = Clock()
+    budget = RetryBudget(0.1, min_tokens=0, max_tokens=5, clock=clock)
+    for _ in range(1000):
+        budget.deposit()
+    assert budget.tokens == 5
+    assert outage(budget, clock, 1, every=0.0, retries=10) == 5
+
+
+def test_the_budget_reserve_lets_a_quiet_client_retry() -> None:
+    clock = Clock()
+    budget = RetryBudget(0.1, min_tokens=2, clock=clock)
+    # One failing call every half second: each is retried once, by the reserve.
+    assert outage(budget, clock, 20, every=0.5, retries=1) == 20
+    # Faster than the reserve refills: refused, and the reserve then rests...
+    assert outage(budget, clock, 10, every=0.01, retries=1) <= 3
+    rested = budget.tokens
+    clock.now += 0.5
+    assert budget.tokens == rested  # ...not refilled within a second of a refusal...
+    clock.now += 1.0
+    assert budget.tokens >= 2  # ...then back
+
+
+def test_retry_budget_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="retry_budget_ratio must be a number >= 0"):
+        ClientConfig(retry_budget_ratio=-0.1)
+    with pytest.raises(ValueError, match="retry_budget_min_tokens"):
+        ClientConfig(retry_budget_min_tokens=float("nan"))
+    with pytest.raises(ValueError, match="retry_budget_max_tokens must be a number >= 1"):
+        ClientConfig(retry_budget_max_tokens=0.5)
+    with pytest.raises(ValueError, match="ratio must be a number >= 0"):
+        RetryBudget(float("inf"))
+    assert ClientConfig(retry_budget_ratio=None).retry_budget_ratio is None
+
+
+async def test_one_client_shares_one_budget_and_fails_fast_once_it_is_spent() -> None:
+    script = Script(error(503, "ServiceUnavailableError"))
+    async with script.client(retry_budget_ratio=0.0, retry_budget_min_tokens=2) as client:
+        with pytest.raises(ServiceUnavailableError):
+            await client.invoke_agent("echo", "hi", session_id="s")
+        assert len(script.requests) == 3  # two retries, all the reserve had
+        with pytest.raises(ServiceUnavailableError):
+            await client.list_templates()
+        assert len(script.requests) == 4  # another call: no retry left
+    # Without a budget only max_retries counts.
+    script = Script(error(503, "ServiceUnavailableError"))
+    async with script.client(retry_budget_ratio=None, max_retries=2) as client:
+        for _ in range(5):
+            with pytest.raises(ServiceUnavailableError):
+                await client.list_templates()
+    assert len(script.requests) == 15
+
+
+class BrokenBody(httpx.AsyncByteStream):
+    """A body that breaks after its first bytes."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b'{"result": '
+        raise httpx.ReadError("connection reset while reading the reply")
+
+
+async def test_a_reply_lost_while_read_is_retried_only_when_idempotent() -> None:
+    script = Script(httpx.Response(200, stream=BrokenBody()), httpx.Response(200, json=OK))
+    async with script.client() as client:
+        response = await client.invoke_agent("echo", "hi", session_id="s")
+    assert response.result == {"ok": True}
+    assert len(script.requests) == 2
+
+    script = Script(httpx.Response(201, stream=BrokenBody()))
+    async with script.client() as client:
+        with pytest.raises(ServiceUnavailableError, match="lost the connection"):
+            await client.create_session("echo")
+    assert len(script.requests) == 1
