@@ -39,14 +39,13 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from ppio_sandbox.agent_runtime.errors import (
     InvocationTimeoutError,
-    SandboxCrashedError,
     SessionNotFoundError,
     ValidationError,
 )
 from ppio_sandbox.agent_runtime.protocol import InvocationResponse
 
 from ._models import RequestLike, Strategy
-from ._pool_stream import LOST, PoolStream
+from ._pool_stream import LOST, PoolStream, unusable_after
 from ._session import CLOSE_TIMEOUT, SandboxSession
 
 if TYPE_CHECKING:
@@ -143,7 +142,9 @@ class SessionPool:
 
     A session comes back when the holder's block ends. If the block raised
     :class:`SessionNotFoundError` or :class:`SandboxCrashedError`, or the
-    holder closed the session, it is discarded and replaced.
+    holder closed the session, it is discarded and replaced; likewise when a
+    deadline (:class:`InvocationTimeoutError`) or a cancellation ended the
+    block, since its turn may still be running on the server.
 
     Leaving the ``async with`` closes every session the pool created,
     including those still held (their holders' next calls raise
@@ -306,8 +307,8 @@ class SessionPool:
         lost = False
         try:
             yield item.session
-        except LOST:
-            lost = True
+        except BaseException as exc:
+            lost = unusable_after(exc)
             raise
         finally:
             self._checkin(item, lost=lost)
@@ -587,8 +588,8 @@ class SessionPool:
                 lost = True
                 if attempt == 2:
                     raise
-            except SandboxCrashedError:
-                lost = True
+            except BaseException as exc:
+                lost = unusable_after(exc)
                 raise
             finally:
                 self._checkin(item, lost=lost)

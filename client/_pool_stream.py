@@ -5,7 +5,13 @@ from __future__ import annotations
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from ppio_sandbox.agent_runtime.errors import SandboxCrashedError, SessionNotFoundError
+import anyio
+
+from ppio_sandbox.agent_runtime.errors import (
+    InvocationTimeoutError,
+    SandboxCrashedError,
+    SessionNotFoundError,
+)
 
 from ._invocation import InvocationStream
 from ._models import RequestLike, Strategy
@@ -14,10 +20,20 @@ from ._session import SandboxSession
 if TYPE_CHECKING:
     from ._pool import SessionPool, _Pooled
 
-__all__ = ["LOST", "PoolStream"]
+__all__ = ["LOST", "PoolStream", "unusable_after"]
 
 LOST = (SessionNotFoundError, SandboxCrashedError)
-"""Errors after which a pooled session is discarded and replaced."""
+"""Errors saying a pooled session is gone: it is discarded and replaced."""
+
+
+def unusable_after(exc: BaseException) -> bool:
+    """Whether a session must not be handed out again after ``exc`` ended its use.
+
+    Besides a lost session: a deadline or a cancellation that cut the caller
+    off mid-turn, since the server may still be running that turn and the
+    next holder's turn would queue behind it. Closing the session cancels it.
+    """
+    return isinstance(exc, (*LOST, InvocationTimeoutError, anyio.get_cancelled_exc_class()))
 
 
 class PoolStream:
@@ -90,7 +106,7 @@ class PoolStream:
                     raise
                 continue
             except BaseException as exc:
-                pool._checkin(item, lost=isinstance(exc, LOST))
+                pool._checkin(item, lost=unusable_after(exc))
                 raise
             self._item, self._stream = item, stream
             return
@@ -117,14 +133,21 @@ class PoolStream:
             raise
         except BaseException as exc:
             await self._stream.aclose()
-            self._release(lost=isinstance(exc, LOST))
+            self._release(lost=unusable_after(exc))
             raise
 
     async def aclose(self) -> None:
-        """Release the connection and give the session back."""
-        if self._stream is not None:
-            await self._stream.aclose()
-        self._release(lost=False)
+        """Release the connection and give the session back.
+
+        Closed before its end, a stream leaves its turn running on the
+        server: that session is discarded (which cancels the turn) and replaced.
+        """
+        stream = self._stream
+        unfinished = False
+        if stream is not None:
+            unfinished = self._item is not None and stream.streaming and stream.summary is None
+            await stream.aclose()
+        self._release(lost=unfinished)
 
     async def __aenter__(self) -> Self:
         await self.open()

@@ -263,12 +263,48 @@ async def test_a_stream_gives_its_session_back_when_it_ends_or_is_closed(
         client_for(o) as client,
         client.pool("echo", min_idle=0, max_size=1) as pool,
     ):
-        async with pool.stream({"action": "stream", "count": 10, "delay": 0.01}) as chunks:
-            assert await chunks.__anext__() == {"i": 0}
-            assert pool.stats().in_use == 1
-            assert isinstance(chunks.session, SandboxSession)
+        chunks = [c async for c in pool.stream({"action": "stream", "count": 2})]
+        assert chunks == [{"i": 0}, {"i": 1}]
         assert pool.stats().in_use == 0
-        assert (await pool.invoke("next")).result["turn"] == 2  # same session
+        assert (await pool.invoke("next")).result["turn"] == 2  # same session, given back
+        first = set(server_sessions(o))
+        # Closed half-way, the turn would go on running on the server (and the
+        # next holder's turn would queue behind it): that session is replaced.
+        async with pool.stream({"action": "stream", "count": 1000, "delay": 0.01}) as stream:
+            assert await stream.__anext__() == {"i": 0}
+            assert pool.stats().in_use == 1
+            assert isinstance(stream.session, SandboxSession)
+        assert pool.stats().in_use == 0
+        assert pool.stats().replaced == 1
+        with anyio.fail_after(2):  # not queued behind the abandoned 10 s stream
+            reply = await pool.invoke("fresh")
+        assert reply.result["turn"] == 1
+        assert reply.result["session_id"] not in first
+
+
+async def test_a_session_whose_turn_was_cut_off_is_not_handed_out_again(
+    tmp_path: Path,
+) -> None:
+    async with (
+        orchestrator(tmp_path) as o,
+        client_for(o) as client,
+        client.pool("echo", min_idle=1, max_size=1) as pool,
+    ):
+
+        async def slow_turn() -> None:
+            async with pool.acquire() as session:
+                await session.invoke({"action": "sleep", "seconds": 30}, timeout=0.2)
+
+        with pytest.raises(InvocationTimeoutError):
+            await slow_turn()
+        with anyio.move_on_after(0.2):
+            async with pool.acquire() as session:
+                await session.invoke({"action": "sleep", "seconds": 30})
+        assert pool.stats().replaced == 2  # cut off by its deadline, then by a cancellation
+        with anyio.fail_after(2):  # not queued behind either 30 s turn
+            reply = await pool.invoke("next")
+        assert reply.result["turn"] == 1
+        await until(lambda: len(server_sessions(o)) == 1, "the cut-off sessions closed")
 
 
 async def test_a_session_named_by_the_caller_still_reports_session_not_found(
