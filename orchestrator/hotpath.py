@@ -7,7 +7,8 @@ actor and writes the reply (JSON, msgpack, or Server-Sent Events).
 
 Headers: ``Idempotency-Key`` (generated when absent and echoed),
 ``X-PPIO-Strategy`` (enqueue | reject | interrupt; also ``?strategy=``),
-``Last-Event-ID`` (resume a stream after that event), ``X-PPIO-Session-Id``
+``Last-Event-ID`` (resume a stream after that event: 404 when the session no
+longer has the turn with that key, rather than running it again), ``X-PPIO-Session-Id``
 (the AgentCore-style route: which session to use or create).
 """
 
@@ -22,7 +23,11 @@ import anyio
 import anyio.lowlevel
 
 from ppio_sandbox.agent_runtime.context import next_request_id
-from ppio_sandbox.agent_runtime.errors import PPIOAgentRuntimeError, ValidationError
+from ppio_sandbox.agent_runtime.errors import (
+    NotFoundError,
+    PPIOAgentRuntimeError,
+    ValidationError,
+)
 from ppio_sandbox.agent_runtime.protocol import encode_json
 from ppio_sandbox.agent_runtime.sse import encode_event, encode_raw_event
 
@@ -98,6 +103,13 @@ class InvocationHandler:
                 session = await host.get_or_create_session(tenant, target, sid)
             key_raw = h.get("key")
             key = key_raw.decode("latin-1") if key_raw else next_request_id()
+            if start and not session.core.knows(key, host.clock()):
+                # Admitting it would run the turn again and splice two runs' events.
+                raise NotFoundError(
+                    f"cannot resume after event {start}: session {session.session_id} has no "
+                    f"turn with Idempotency-Key {key!r} (it ended too long ago, or was lost "
+                    f"with its sandbox); invoke again with a new key"
+                )
             admission, turn = host.submit(
                 session,
                 payload,

@@ -488,6 +488,10 @@ class SessionCore:
         for key in doomed:
             del cache[key]
 
+    def knows(self, key: str, now: float) -> bool:
+        """Whether a turn with ``key`` is queued, running or still remembered."""
+        return self._cached(key, now) is not None
+
     @property
     def cached_turns(self) -> int:
         return len(self._cache) if self._cache else 0

@@ -3,7 +3,8 @@
 :class:`FaultProxy` sits between a client and a real orchestrator and decides,
 request by request, what happens to it:
 
-- :class:`Forward` (the default): relayed both ways, a stream as it comes;
+- :class:`Forward` (the default): relayed both ways, a stream as it comes
+  (optionally with some request headers replaced);
 - :class:`Reply`: answered by the proxy itself (a 503 burst, a 429 with
   ``Retry-After``...), the orchestrator never sees it;
 - :class:`ResetAfterReply`: relayed, and the orchestrator's whole reply read
@@ -54,7 +55,9 @@ _MAX_HEAD = 64 * 1024
 
 @dataclass(frozen=True)
 class Forward:
-    """Relay the request and its reply unchanged."""
+    """Relay the request and its reply; ``headers`` replace the request's own."""
+
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -263,10 +266,10 @@ class FaultProxy:
         upstream = await anyio.connect_tcp(*self._upstream)
         async with upstream:
             self.forwarded += 1
-            await upstream.send(
-                head.encode(drop=frozenset({"connection"}), add=("Connection: close",))
-                + request.body
-            )
+            replaced = fault.headers if isinstance(fault, Forward) else ()
+            drop = frozenset({"connection", *(name.lower() for name, _ in replaced)})
+            add = ("Connection: close", *(f"{name}: {value}" for name, value in replaced))
+            await upstream.send(head.encode(drop=drop, add=add) + request.body)
             reader = BufferedByteReceiveStream(upstream)
             reply_head = _Head(await reader.receive_until(b"\r\n\r\n", _MAX_HEAD))
             if isinstance(fault, ResetAfterReply):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from ppio_sandbox.client import (
@@ -23,6 +24,7 @@ from ppio_sandbox.client import (
     ClientConfig,
     IdempotencyConflictError,
     InvocationError,
+    NotFoundError,
     ServiceUnavailableError,
     SessionBusyError,
     TemplateNotFoundError,
@@ -284,4 +286,37 @@ async def test_a_stream_resumes_as_often_as_it_breaks_within_max_retries(
             await drain(client.stream_agent("ledger", request, session_id="flaky"), got)
         assert got == [{"token": request["token"], "i": i} for i in range(2)]
         assert len(r.proxy.seen_on(INVOCATIONS)) == 2
+        assert r.executions(request["token"]) == 1
+
+
+async def test_a_turn_the_server_no_longer_has_is_not_resumed_but_reported(
+    tmp_path: Path,
+) -> None:
+    async with rig(tmp_path) as r, r.client() as client:
+        # The server refuses to resume a key it does not know (it would run the
+        # turn again and splice two runs' events): a 404 naming why, nothing ran.
+        request = r.request(stream=3)
+        async with httpx.AsyncClient(base_url=r.proxy.base_url) as raw:
+            reply = await raw.post(
+                "/v1/agents/ledger/invocations",
+                json=request,
+                headers={"Idempotency-Key": "never-seen", "Last-Event-ID": "2"},
+            )
+        assert reply.status_code == 404
+        assert reply.json()["error"]["type"] == "NotFoundError"
+        assert r.executions(request["token"]) == 0
+
+        # The client raises it once the stream was cut and the turn forgotten.
+        request = r.request(stream=4)
+        before = len(r.proxy.seen_on(INVOCATIONS))
+        r.proxy.inject(
+            CutStream(events=2),
+            Forward(headers=(("Idempotency-Key", "forgotten"),)),
+            path=INVOCATIONS,
+        )
+        got: list[Any] = []
+        with pytest.raises(NotFoundError, match="cannot resume after event 2"):
+            await drain(client.stream_agent("ledger", request, session_id="forgetful"), got)
+        assert got == [{"token": request["token"], "i": i} for i in range(2)]
+        assert len(r.proxy.seen_on(INVOCATIONS)) == before + 2  # a 404 is not retried
         assert r.executions(request["token"]) == 1
