@@ -19,7 +19,10 @@ with its own memory object stream per "session" instead.
 ``anyio-task``: a task waiting on its own stream), ``gc.collect()``, RSS
 again; the delta over ``count``. With ``--heap``, ``tracemalloc`` traces the
 creation instead: live and peak Python heap bytes per session (tracing
-itself inflates RSS, so it is a separate run).
+itself inflates RSS, so it is a separate run). ``--passivate-after S``
+shortens the actors' quiet period before passivation (default: the
+orchestrator's ``PASSIVATE_AFTER``), so that ``orchestrator-used`` waits
+less for its actors to passivate.
 
 ``asgi``: the orchestrator's ASGI application (its front door, hot path,
 session actors and the in-process hello agent) called directly by
@@ -205,6 +208,7 @@ class _Snapshot:
 
     def __init__(self, heap: bool) -> None:
         gc.collect()
+        self.time = time.perf_counter()
         self.rss = rss_bytes()
         self.blocks = sys.getallocatedblocks()
         self.heap = self.heap_peak = 0
@@ -222,11 +226,17 @@ def _idle_result(count: int, before: _Snapshot, after: _Snapshot, heap: bool) ->
         "rss_after": after.rss,
         "bytes_per_session": (after.rss - before.rss) / count,
         "blocks_per_session": (after.blocks - before.blocks) / count,
+        "seconds": round(after.time - before.time, 3),
     }
     if heap:
         result["heap_bytes_per_session"] = after.heap / count
         result["heap_peak_bytes_per_session"] = after.heap_peak / count
     return result
+
+
+def _start_timeout(count: int) -> float:
+    """Seconds allowed to create ``count`` sessions (1,000,000 tasks take minutes)."""
+    return max(120.0, count / 2_000)
 
 
 async def idle_orchestrator(count: int, workdir: Path, *, used: bool, heap: bool) -> dict[str, Any]:
@@ -249,7 +259,7 @@ async def idle_orchestrator(count: int, workdir: Path, *, used: bool, heap: bool
             if used:
                 await _turn(host, session, i)
         if used:
-            with anyio.fail_after(passivate_after + 60):
+            with anyio.fail_after(passivate_after + _start_timeout(count)):
                 await _quiesce(host)
         after = _Snapshot(heap)
         live = len(host.directory)
@@ -288,7 +298,7 @@ async def idle_tasks(count: int, workdir: Path, *, used: bool, heap: bool) -> di
             send, receive = anyio.create_memory_object_stream[Any](64)
             tg.start_soon(actor, receive)
             sends.append(send)
-        with anyio.fail_after(120):
+        with anyio.fail_after(_start_timeout(count)):
             await all_started.wait()
         _emit_and_exit(_idle_result(count, before, _Snapshot(heap), heap))
     raise AssertionError("unreachable")
@@ -519,6 +529,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=64, help="asgi: concurrent clients")
     p.add_argument("--profile", type=Path, help="asgi: write a cProfile of the measured part")
     p.add_argument("--heap", action="store_true", help="idle: trace the heap (tracemalloc)")
+    p.add_argument(
+        "--passivate-after",
+        type=float,
+        metavar="S",
+        help="idle: actors passivate after S quiet seconds (default: the orchestrator's)",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="where data directories go")
     return p.parse_args(argv)
 
@@ -550,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(python_start(args.count), sys.stdout)
         sys.stdout.write("\n")
         return 0
+    if args.passivate_after is not None:
+        _orchestrator("actor").PASSIVATE_AFTER = args.passivate_after
     with tempfile.TemporaryDirectory(prefix="inproc-", dir=args.workdir) as tmp:
         probe = _probe(args, Path(tmp))
         options: dict[str, Any] = {}
@@ -562,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
                 options["use_uvloop"] = True
         result = anyio.run(probe, backend=args.backend, backend_options=options)
     result.update(backend=args.backend, probe=args.probe)
+    if args.passivate_after is not None:
+        result["passivate_after"] = args.passivate_after
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

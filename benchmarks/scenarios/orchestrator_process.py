@@ -1,4 +1,4 @@
-"""``orchestrator-process``: invocations per second through process sandboxes.
+"""``orchestrator-process``: invocations per second through process sandboxes, by concurrency.
 
 The orchestrator serving the process hello template
 (``benchmarks/templates/hello_process``: one agent process per session)
@@ -9,24 +9,29 @@ process, started as a sandbox starts it, on its Unix socket. Before
 measuring, one request per connection's session id starts its sandbox.
 The orchestrator and its sandboxes share the server CPU (sandboxes inherit
 its affinity); CPU % counts the orchestrator with its sandboxes.
-Reported as a ratio, not judged.
+Reported as a ratio, not judged; plots of req/s and p50/p99 against
+concurrency.
 
-Fewer connections than the other scenarios (at most 8): each is a session,
-and each session is a process.
+Each connection is a session, and each session is a process: the sweep
+stops at 64 concurrent connections (1, 4, 16 and 64; 1 and 4 with
+``--quick``), where 64 agent processes share one CPU (starting them one by
+one takes ~15 s) and the direct agent is long saturated. Both servers run
+for a whole repetition; sessions started at one level are kept for the next.
 """
 
 from __future__ import annotations
 
-from ..core import Progress, RunConfig, ScenarioResult, summarize
+from ..core import Progress, RunConfig, ScenarioResult, concurrency_series, summarize
 from ..servers import AGENT_PROCESS, ORCHESTRATOR_PROCESS
 from . import register
-from ._loadtest import Subject, loadgen_note, noise_note, run_pairs
+from ._loadtest import Subject, loadgen_note, noise_note, run_sweep
 
 __all__ = ["OrchestratorProcess"]
 
 BODY = b'{"query":"hello"}'
 TEMPLATE = "bench-hello-process"
-MAX_CONNECTIONS = 8
+LEVELS = (1, 4, 16, 64)
+QUICK_LEVELS = (1, 4)
 
 
 class OrchestratorProcess:
@@ -48,26 +53,28 @@ class OrchestratorProcess:
     )
 
     def steps(self, config: RunConfig) -> int:
-        """One step per (backend, repetition, subject)."""
-        return len(config.backends) * config.repetitions * len(self.subjects)
+        """One step per (backend, repetition, level, subject)."""
+        levels = config.sweep(LEVELS, QUICK_LEVELS)
+        return len(config.backends) * config.repetitions * len(levels) * len(self.subjects)
 
     def run(self, config: RunConfig, progress: Progress) -> ScenarioResult:
-        """Measure every (backend, subject) pair ``config.repetitions`` times."""
-        connections = min(config.connections, MAX_CONNECTIONS)
-        samples, pinning = run_pairs(
+        """Sweep the levels on every backend, ``config.repetitions`` times."""
+        levels = config.sweep(LEVELS, QUICK_LEVELS)
+        samples, pinning = run_sweep(
             self.name,
             self.subjects,
             config,
             progress,
             backends=config.backends,
             body=BODY,
-            connections=connections,
+            levels=levels,
         )
         rows = summarize(self.name, samples, baseline="agent-direct", targets=None)
         notes = [
-            f"{connections} connections = {connections} sessions = {connections} agent "
-            "processes behind the orchestrator, 1 agent process when direct; the backend "
-            "is the orchestrator's worker (agents run the runtime's default loop)",
+            "N connections = N sessions = N agent processes behind the orchestrator "
+            f"(N = {', '.join(map(str, levels))}), 1 agent process when direct; the backend "
+            "is the orchestrator's worker (agents run the runtime's default loop); the "
+            "orchestrator's step includes starting the new level's sandboxes (priming)",
             f"pinning: {pinning.to_json()}",
             loadgen_note(samples),
         ]
@@ -81,10 +88,11 @@ class OrchestratorProcess:
             notes=notes,
             settings={
                 "body": BODY.decode(),
-                "connections": connections,
+                "levels": list(levels),
                 "template": TEMPLATE,
                 "pinning": pinning.to_json(),
             },
+            series=concurrency_series(rows),
         )
 
 

@@ -9,9 +9,11 @@ pool is ready), ``cold`` (no pool: spawn, import, listen, ``/ping``) and the
 baseline ``python -c pass`` (``subprocess.run``: the floor of starting any
 Python process). Target: warm-pool creation p50 <= 5 ms.
 
-Runs on the first ``--backend`` only (asyncio: uvloop), unpinned: sandbox
-processes inherit the probe's CPU affinity, and pinning everything to one
-CPU would measure that CPU's contention instead.
+Runs on every backend (the provider's event loop: uvloop on asyncio, and
+trio; ``python -c pass`` is measured on each too, as that backend's
+baseline), unpinned: sandbox processes inherit the probe's CPU affinity,
+and pinning everything to one CPU would measure that CPU's contention
+instead.
 """
 
 from __future__ import annotations
@@ -57,14 +59,14 @@ class ProcessSandbox:
     )
 
     def steps(self, config: RunConfig) -> int:
-        """One step per (repetition, subject)."""
-        return config.repetitions * len(SUBJECTS)
+        """One step per (backend, repetition, subject)."""
+        return len(config.backends) * config.repetitions * len(SUBJECTS)
 
     def run(self, config: RunConfig, progress: Progress) -> ScenarioResult:
-        """Alternate the subjects within each repetition."""
-        backend = config.backends[0]
+        """Alternate the subjects within each repetition, on every backend."""
         samples: list[dict[str, Any]] = []
-        for rep in range(1, config.repetitions + 1):
+        runs = [(b, r) for b in config.backends for r in range(1, config.repetitions + 1)]
+        for backend, rep in runs:
             for subject in SUBJECTS:
                 count = _count(config, subject)
                 progress.start(f"{self.name} {backend} {subject} x{count} rep {rep}")
@@ -98,7 +100,7 @@ class ProcessSandbox:
                 "(create() waits for that launch: template copy + fork/exec)",
             ],
             settings={
-                "backend": backend,
+                "backends": list(config.backends),
                 "warm_pool": 2,
                 "counts": counts,
                 "targets": {"max_warm_p50_ms": TARGET_MS},
