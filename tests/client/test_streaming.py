@@ -43,6 +43,7 @@ async def test_session_stream_keeps_state_and_reports_its_end(tmp_path: Path) ->
             got = [chunk async for chunk in stream]
         assert got == [{"i": 0}, {"i": 1}, {"i": 2}]
         assert stream.last_event_id == "3"
+        assert stream.resumes == 0  # an unbroken stream is never resumed
         assert stream.summary is not None
         assert stream.summary["chunks"] == 3
         assert stream.session_id == session.session_id
