@@ -6,7 +6,8 @@ two-turn session and a streamed answer). Part 2 starts the orchestrator
 (``ppio-sandbox-cli serve``) with the ``assistant`` template and calls it
 through the client (:class:`AgentRuntimeClient`): the template list, a
 one-shot invocation, a multi-turn session with a streamed turn, the CLI's
-``session list`` meanwhile, then a burst of concurrent sessions with a
+``session list`` meanwhile, a pool of warm sessions serving concurrent
+callers, then a burst of concurrent sessions with a
 progress bar and a summary table; SIGTERM stops it. Every server is stopped
 whatever happens. ``--sessions``/``--turns`` size the burst.
 """
@@ -162,6 +163,23 @@ async def _tour(url: str) -> None:
             print("\n$ ppio-sandbox-cli session list", flush=True)
             cli = [sys.executable, "-m", "ppio_sandbox.orchestrator.cli", "session", "list"]
             await anyio.run_process([*cli, "--base-url", url], stdout=None, stderr=None)
+        # The supervisor: a pool of warm sessions shared by concurrent callers.
+        async with client.pool("assistant", min_idle=2, max_size=4) as pool:
+            answered = 0
+
+            async def ask(n: int) -> None:
+                nonlocal answered
+                await pool.invoke({"prompt": f"pooled question {n}"})
+                answered += 1
+
+            async with anyio.create_task_group() as tg:
+                for n in range(12):
+                    tg.start_soon(ask, n)
+            stats = pool.stats()
+            print(
+                f"pool: {answered} concurrent one-turn calls served by {stats.created} warm "
+                f"sessions (max_size 4, min_idle 2); closed with the pool"
+            )
 
 
 async def _burst(url: str, sessions: int, turns: int) -> dict[str, Any]:
