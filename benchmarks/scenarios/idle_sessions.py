@@ -109,7 +109,8 @@ class IdleSessions:
 
     name = "idle-sessions"
     description = (
-        "RSS bytes per idle in-process session at 10k/100k (fresh and after one turn) "
+        "RSS bytes per idle in-process session at 10k/100k/1M with --full (fresh and after "
+        "one turn) "
         "vs a bare anyio task waiting on its own stream"
     )
 

@@ -39,8 +39,8 @@ class OrchestratorProcess:
 
     name = "orchestrator-process"
     description = (
-        "invocations/s through the orchestrator to process sandboxes vs the same agent "
-        "called directly on its Unix socket"
+        "invocations/s at 1..64 sessions through the orchestrator to process sandboxes vs "
+        "the same agent called directly on its Unix socket"
     )
     subjects = (
         Subject("agent-direct", AGENT_PROCESS, "/invocations"),
