@@ -23,11 +23,15 @@ from . import ROOT, procs
 __all__ = [
     "AGENT_PROCESS",
     "BASELINE",
+    "BASELINE_SSE",
+    "BASELINE_UVICORN",
     "HELLO_PROCESS_TEMPLATE",
     "HELLO_TEMPLATE",
     "ORCHESTRATOR",
     "ORCHESTRATOR_PROCESS",
     "RUNTIME",
+    "RUNTIME_STREAM",
+    "RUNTIME_UVICORN",
     "RunningServer",
     "ServerError",
     "ServerSpec",
@@ -109,6 +113,49 @@ BASELINE = ServerSpec(
     ready_path="/",
 )
 """A bare raw-ASGI hello world on hypercorn with the runtime's settings."""
+
+RUNTIME_UVICORN = ServerSpec(
+    name="runtime-uvicorn",
+    argv=(*RUNTIME.argv, "--server", "uvicorn"),
+    ready_path="/ping",
+)
+"""The example agent on the runtime's fast server option (``server="uvicorn"``;
+asyncio only)."""
+
+BASELINE_UVICORN = ServerSpec(
+    name="baseline-uvicorn",
+    argv=(*BASELINE.argv, "--server", "uvicorn"),
+    ready_path="/",
+)
+"""The bare hello world on uvicorn with the runtime's uvicorn settings (asyncio only)."""
+
+STREAM_AGENT = ROOT / "benchmarks" / "agents" / "stream_agent.py"
+"""Benchmark agent streaming ``count`` chunks (default 1000)."""
+
+RUNTIME_STREAM = ServerSpec(
+    name="runtime",
+    argv=(
+        sys.executable,
+        "-m",
+        "ppio_sandbox.agent_runtime",
+        str(STREAM_AGENT),
+        "--bind",
+        "{bind}",
+        "--backend",
+        "{backend}",
+        "--log-level",
+        "WARNING",
+    ),
+    ready_path="/ping",
+)
+"""The streaming benchmark agent on the runtime (hypercorn, uvloop or trio)."""
+
+BASELINE_SSE = ServerSpec(
+    name="baseline",
+    argv=(*BASELINE.argv, "--app", "sse"),
+    ready_path="/",
+)
+"""A bare raw-ASGI SSE stream on hypercorn with the runtime's settings: the floor."""
 
 
 def _orchestrator_argv(template: Path) -> tuple[str, ...]:

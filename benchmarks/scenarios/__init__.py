@@ -17,6 +17,7 @@ __all__ = ["MODULES", "Scenario", "all_scenarios", "get", "register"]
 
 MODULES = (
     "runtime_rps",
+    "runtime_stream",
     "orchestrator_rps",
     "session_churn",
     "idle_sessions",
