@@ -62,7 +62,7 @@ class RunConfig:
     @classmethod
     def make(cls, *, quick: bool, **overrides: Any) -> RunConfig:
         """Defaults for a full or a quick run, then the non-``None`` overrides."""
-        base = cls(quick=True, repetitions=1, warmup=0.5, duration=1.0) if quick else cls()
+        base = cls(quick=True, repetitions=1, warmup=0.3, duration=0.7) if quick else cls()
         for key, value in overrides.items():
             if value is not None:
                 setattr(base, key, value)

@@ -13,10 +13,10 @@ passivated), and the baseline ``anyio-task`` (a bare task waiting on its own
 memory object stream). Target: <= 4 KB (4,096 B) per idle orchestrator
 session, used or not.
 
-One more run per subject and backend at 10,000 (2,000 with ``--quick``)
-traces the creation with ``tracemalloc``: live and peak Python heap bytes
-per session, which tells memory still in use from allocator high-water
-marks.
+One more run per subject and backend at 10,000 (2,000 and the
+orchestrator's subjects only with ``--quick``) traces the creation with
+``tracemalloc``: live and peak Python heap bytes per session, which tells
+memory still in use from allocator high-water marks.
 
 With ``--quick`` the actors passivate after 0.5 s instead of 5 s (the
 probe's ``--passivate-after``), so ``orchestrator-used`` waits less.
@@ -86,6 +86,11 @@ def _heap_count(config: RunConfig) -> int:
     return QUICK_HEAP_COUNT if config.quick else HEAP_COUNT
 
 
+def _heap_subjects(config: RunConfig) -> tuple[str, ...]:
+    """``--quick`` traces the orchestrator's sessions only, not the baseline's."""
+    return tuple(s for s in SUBJECTS if s != BASELINE) if config.quick else SUBJECTS
+
+
 def _metrics(counts: tuple[int, ...], heap_count: int) -> list[Metric]:
     metrics = [
         Metric(
@@ -110,14 +115,13 @@ class IdleSessions:
     name = "idle-sessions"
     description = (
         "RSS bytes per idle in-process session at 10k/100k/1M with --full (fresh and after "
-        "one turn) "
-        "vs a bare anyio task waiting on its own stream"
+        "one turn) vs a bare anyio task waiting on its own stream"
     )
 
     def steps(self, config: RunConfig) -> int:
-        """RSS runs per (backend, count, repetition, subject), plus one heap run each."""
-        per_backend = sum(_repetitions(config, n) for n in _counts(config)) + 1
-        return len(config.backends) * per_backend * len(SUBJECTS)
+        """RSS runs per (backend, count, repetition, subject), plus the heap runs."""
+        rss = sum(_repetitions(config, n) for n in _counts(config)) * len(SUBJECTS)
+        return len(config.backends) * (rss + len(_heap_subjects(config)))
 
     def run(self, config: RunConfig, progress: Progress) -> ScenarioResult:
         """Every measurement in a fresh process."""
@@ -151,7 +155,7 @@ class IdleSessions:
                                 "result": result,
                             }
                         )
-            for subject in SUBJECTS:
+            for subject in _heap_subjects(config):
                 result = self._probe(
                     config, progress, pinning, backend, subject, heap_count, heap=True
                 )

@@ -45,7 +45,7 @@ METRICS = (
 
 def _count(config: RunConfig, subject: str) -> int:
     """Creations per measurement."""
-    quick = {"python -c pass": 10, "warm": 8, "cold": 4}
+    quick = {"python -c pass": 5, "warm": 5, "cold": 3}
     full = {"python -c pass": 30, "warm": 30, "cold": 15}
     return (quick if config.quick else full)[subject]
 

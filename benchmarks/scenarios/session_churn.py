@@ -59,7 +59,7 @@ HTTP_METRICS = (
 
 def _counts(config: RunConfig) -> tuple[int, int]:
     """(sessions created, create+turn+close cycles) per in-process measurement."""
-    return (10_000, 3_000) if config.quick else (50_000, 20_000)
+    return (5_000, 1_000) if config.quick else (50_000, 20_000)
 
 
 class SessionChurn:
