@@ -43,13 +43,18 @@ def _filename(scenario: str, name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{scenario}-{name}") + ".png"
 
 
+def _tick(value: float, _position: float | None = None) -> str:
+    """``1``, ``256``, ``1,000,000``, ``0.5``."""
+    return f"{value:,.0f}" if value >= 1 and value == int(value) else f"{value:g}"
+
+
 def draw(series: Series, path: Path, *, scenario: str) -> None:
     """Draw ``series`` into the PNG file ``path`` (matplotlib must be importable)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter
 
     figure = Figure(figsize=(8, 4.8), dpi=100, layout="constrained")
     axes = figure.subplots()
@@ -87,13 +92,13 @@ def draw(series: Series, path: Path, *, scenario: str) -> None:
         axes.set_xscale("log")
     if series.y_log:
         axes.set_yscale("log")
+        # Plain numbers (60, not 6 x 10^1), minor ones only where the range is small.
+        axes.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     if series.x_log and 0 < len(xs_seen) <= 12:
-        axes.set_xticks(sorted(xs_seen))
-        formatter = ScalarFormatter()
-        formatter.set_scientific(False)
-        axes.xaxis.set_major_formatter(formatter)
-        axes.xaxis.set_minor_formatter(ScalarFormatter(useOffset=False))
-        axes.xaxis.set_tick_params(which="minor", labelbottom=False)
+        axes.set_xticks(sorted(xs_seen))  # ticks at the measured levels: 1, 4, 16, ...
+        axes.xaxis.set_major_formatter(FuncFormatter(_tick))
+        axes.xaxis.set_minor_formatter(NullFormatter())
     if not series.y_log:
         axes.set_ylim(bottom=0)
     axes.set_title(f"{scenario}: {series.title}", fontsize="medium")
