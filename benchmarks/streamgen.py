@@ -231,13 +231,11 @@ async def run(opts: Options) -> dict[str, Any]:
     """Read streams for ``warmup + duration`` seconds; return the result."""
     start_ns = time.perf_counter_ns() + int(opts.warmup * 1e9)
     state = _State(start_ns=start_ns, end_ns=start_ns + int(opts.duration * 1e9))
-    server_cpu = (
-        (lambda: None)
-        if opts.server_pid is None
-        else (
-            lambda: tree_cpu_seconds(opts.server_pid)  # type: ignore[arg-type]
-        )
-    )
+    pid = opts.server_pid
+
+    def server_cpu() -> float | None:
+        return None if pid is None else tree_cpu_seconds(pid)
+
     tasks = [asyncio.create_task(_reader(opts, state, i)) for i in range(opts.readers)]
     try:
         await asyncio.sleep(opts.warmup)

@@ -226,14 +226,15 @@ def ensure(peer: Peer, note: Callable[[str], None]) -> PeerEnv | str:
     return env
 
 
-def available(note: Callable[[str], None]) -> tuple[list[PeerEnv], list[str]]:
-    """Every peer's environment that could be made, and one line per skipped peer."""
+def available(note: Callable[[str], None]) -> tuple[list[PeerEnv], dict[str, str]]:
+    """Every peer's environment that could be made; why the others are skipped
+    (label -> one line)."""
     envs: list[PeerEnv] = []
-    skipped: list[str] = []
+    skipped: dict[str, str] = {}
     for peer in PEERS:
         found = ensure(peer, note)
         if isinstance(found, str):
-            skipped.append(found)
+            skipped[peer.label] = found
         else:
             envs.append(found)
     return envs, skipped
@@ -244,7 +245,7 @@ def main() -> int:
     envs, skipped = available(lambda line: print(line, file=sys.stderr))
     for env in envs:
         print(json.dumps(env.to_json()))
-    for line in skipped:
+    for line in skipped.values():
         print(line)
     return 1 if skipped else 0
 

@@ -80,14 +80,14 @@ class RuntimeStream:
     def _timing(self, config: RunConfig) -> tuple[float, float]:
         """Warm-up and measured seconds per reader count: half of a load sample's,
         so one server (two reader counts) takes what one ``runtime-rps`` sample
-        does; at least 0.5 s and 1 s, so that a 1,000-chunk stream of a slow
-        subject fits in the window more than once."""
-        return max(config.warmup / 2, 0.5), max(config.duration / 2, 1.0)
+        does; at least 0.3 s and 0.7 s (``--quick``'s), so that the window
+        holds several 1,000-chunk streams of a fast subject."""
+        return max(config.warmup / 2, 0.3), max(config.duration / 2, 0.7)
 
     def run(self, config: RunConfig, progress: Progress) -> ScenarioResult:
         """Measure every (backend, subject) ``config.repetitions`` times."""
         envs: list[peers.PeerEnv] = []
-        skipped: list[str] = []
+        skipped: dict[str, str] = {}
         if "asyncio" in config.backends:
             envs, skipped = peers.available(progress.note)
         pinning = procs.plan_pinning(config.pin)
@@ -146,9 +146,10 @@ class RuntimeStream:
                         }
                     )
             if backend == "asyncio":
-                for _ in range(len(skipped) * config.repetitions):
-                    progress.start(f"{self.name} asyncio peer")
-                    progress.finish("skipped (see notes)")
+                for rep in range(1, config.repetitions + 1):
+                    for label in skipped:
+                        progress.start(f"{self.name} asyncio {label} rep {rep}")
+                        progress.finish("skipped: not installed (see notes)")
         measures = summarize_measures(self.name, samples, METRICS, baseline=BASELINE_SSE.name)
         values: dict[tuple[str, str], dict[str, Spread]] = {}
         for m in measures:
@@ -173,7 +174,7 @@ class RuntimeStream:
                 "duration": duration,
                 "pinning": pinning.to_json(),
                 "peers": [env.to_json() for env in envs],
-                "peers_skipped": skipped,
+                "peers_skipped": list(skipped.values()),
             },
         )
 
@@ -182,7 +183,7 @@ class RuntimeStream:
         samples: list[dict[str, Any]],
         pinning: procs.Pinning,
         envs: list[peers.PeerEnv],
-        skipped: list[str],
+        skipped: dict[str, str],
         warmup: float,
         duration: float,
     ) -> list[str]:
@@ -215,7 +216,7 @@ class RuntimeStream:
                     f"{len(noisy)} of {len(results)} measured windows: figures are noisy"
                 )
         notes += [f"peer {env.peer.description}: {env.versions}" for env in envs]
-        notes += skipped
+        notes += skipped.values()
         return notes
 
 
