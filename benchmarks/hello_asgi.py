@@ -11,6 +11,8 @@ the settings of the runtime's ``server="uvicorn"`` option (asyncio only)::
     python -m benchmarks.hello_asgi --bind 127.0.0.1:8000 --server uvicorn
     python -m benchmarks.hello_asgi --bind 127.0.0.1:8000 --app sse --backend trio
 
+``unavailable`` answers 503 to everything but ``GET /ping`` (retry amplification).
+
 SIGTERM or SIGINT stops it gracefully.
 """
 
@@ -97,7 +99,30 @@ async def sse_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-APPS: dict[str, App] = {"hello": app, "sse": sse_app}
+UNAVAILABLE = b'{"error":{"type":"ServiceUnavailableError","message":"unavailable (benchmark)"}}'
+UNAVAILABLE_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", b"%d" % len(UNAVAILABLE)),
+]
+
+
+async def unavailable_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answer 503 (the orchestrator's error envelope) to everything but ``GET /ping``."""
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+        return
+    if scope["type"] != "http":
+        return
+    await _read_body(receive)
+    if scope["path"] == "/ping":
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        await send({"type": "http.response.body", "body": BODY})
+        return
+    await send({"type": "http.response.start", "status": 503, "headers": UNAVAILABLE_HEADERS})
+    await send({"type": "http.response.body", "body": UNAVAILABLE})
+
+
+APPS: dict[str, App] = {"hello": app, "sse": sse_app, "unavailable": unavailable_app}
 
 
 def hypercorn_config(bind: str) -> Any:
