@@ -39,7 +39,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Options", "command", "main", "percentile", "run"]
+__all__ = [
+    "Options",
+    "affinity",
+    "busy_percent",
+    "command",
+    "loop_name",
+    "main",
+    "other_cpu",
+    "percentile",
+    "process_cpu_seconds",
+    "raise_fd_limit",
+    "run",
+    "system_cpu_busy",
+    "tree_cpu_seconds",
+]
 
 SATURATED_CPU = 85.0
 """Load generator CPU % (of one core) above which it is taken as the bottleneck."""
@@ -277,7 +291,7 @@ def system_cpu_busy() -> dict[str, tuple[int, int]] | None:
     return ticks
 
 
-def _busy_percent(
+def busy_percent(
     before: dict[str, tuple[int, int]] | None, after: dict[str, tuple[int, int]] | None
 ) -> dict[str, float] | None:
     if before is None or after is None:
@@ -287,6 +301,11 @@ def _busy_percent(
         b0, t0 = before.get(cpu, (b1, t1))
         busy[cpu] = round(100.0 * (b1 - b0) / (t1 - t0), 1) if t1 > t0 else 0.0
     return busy
+
+
+def other_cpu(busy: dict[str, float], own: float, server: float) -> float:
+    """CPU % (of one core) used by anything but this process and the server: noise."""
+    return max(0.0, sum(busy.values()) - own - server)
 
 
 def percentile(ordered: list[int], q: float) -> int:
@@ -325,11 +344,10 @@ async def run(opts: Options) -> dict[str, Any]:
         None if server0 is None or server1 is None else 100.0 * (server1 - server0) / window
     )
     own_cpu = None if own0 is None or own1 is None else 100.0 * (own1 - own0) / window
-    busy = _busy_percent(system0, system1)
+    busy = busy_percent(system0, system1)
     other = None
     if busy is not None and server_cpu is not None:
-        # CPU used by anything but this process and the server: noise.
-        other = max(0.0, sum(busy.values()) - cpu - server_cpu)
+        other = other_cpu(busy, cpu, server_cpu)
     ms = 1e-6
     return {
         "requests": len(ordered),
@@ -353,12 +371,30 @@ async def run(opts: Options) -> dict[str, Any]:
         "loadgen_saturated": cpu >= SATURATED_CPU,
         "cpu_busy_percent": busy,
         "other_cpu_percent": None if other is None else round(other, 1),
-        "loadgen_cpus": _affinity(),
-        "event_loop": _loop_name(),
+        "loadgen_cpus": affinity(),
+        "event_loop": loop_name(),
     }
 
 
-def _affinity() -> list[int] | None:
+def raise_fd_limit() -> int:
+    """Raise this process's open-file soft limit to its hard limit; the new soft limit.
+
+    One keep-alive connection is one descriptor on each side: 10,000 sessions
+    need more than the usual soft limit of 1,024. Children inherit the limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return soft
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target
+
+
+def affinity() -> list[int] | None:
+    """The CPUs this process may run on (``None``: unknown)."""
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
@@ -371,7 +407,8 @@ def _server_cpu(opts: Options) -> float | None:
     return None if opts.server_pid is None else tree_cpu_seconds(opts.server_pid)
 
 
-def _loop_name() -> str:
+def loop_name() -> str:
+    """The running event loop's package: ``uvloop`` or ``asyncio``."""
     return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
 

@@ -23,6 +23,7 @@ MODULES = (
     "idle_sessions",
     "process_sandbox",
     "orchestrator_process",
+    "agent_hosting",
 )
 """Scenario modules, in the order ``run`` without ``--scenario`` runs them."""
 
