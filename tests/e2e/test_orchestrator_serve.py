@@ -516,3 +516,17 @@ def test_serve_with_an_api_key_on_0_0_0_0_binds_every_interface(tmp_path: Path) 
         log = server.log()
     assert "binding 127.0.0.1 instead" not in log
     assert f"orchestrator listening on 0.0.0.0:{server.port}" in log
+
+
+def test_the_served_process_freezes_start_up_objects_and_raises_gc_thresholds() -> None:
+    """``tune_gc`` (what ``serve`` runs once templates are loaded), in a fresh process."""
+    code = (
+        "import gc\n"
+        "from ppio_sandbox.orchestrator.server import GC_THRESHOLDS, tune_gc\n"
+        "before = gc.get_freeze_count()\n"
+        "tune_gc()\n"
+        "assert gc.get_threshold() == GC_THRESHOLDS, gc.get_threshold()\n"
+        "assert gc.get_freeze_count() > before + 1000, gc.get_freeze_count()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
