@@ -24,6 +24,7 @@ MODULES = (
     "process_sandbox",
     "orchestrator_process",
     "agent_hosting",
+    "client_overhead",
 )
 """Scenario modules, in the order ``run`` without ``--scenario`` runs them."""
 
