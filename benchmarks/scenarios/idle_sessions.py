@@ -4,9 +4,9 @@ Each measurement is a fresh process pinned to the server CPU (see
 ``benchmarks/inproc.py idle``): ``gc.collect()``, RSS, create N sessions,
 ``gc.collect()``, RSS; (RSS delta) / N at N = 10,000 and 100,000 (10,000
 only with ``--quick``; also 1,000,000 with ``--full``: per backend about
-1 GB and 20-35 s for the orchestrator's sessions, 1.8 GB and 5-6 minutes
-when each ran a turn, 5.5-9 GB and 2-3 minutes for the bare tasks, about
-16 minutes in all; a count whose estimate does not fit the available
+1 GB and 20-40 s for the orchestrator's sessions, 1.8 GB and 4.5-6.5
+minutes when each ran a turn, 5.5-9 GB and 2-3 minutes for the bare
+tasks: about 10 minutes per backend; a count whose estimate does not fit the available
 memory is skipped with a note). Subjects: ``orchestrator`` (sessions created with
 ``Orchestrator.create_session`` on the in-process hello template, never
 used), ``orchestrator-used`` (each also ran one turn, then every actor
