@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import random
 import sys
 import time
@@ -52,17 +51,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from .loadgen import (
-    SATURATED_CPU,
-    affinity,
-    busy_percent,
-    loop_name,
-    other_cpu,
-    percentile,
-    raise_fd_limit,
-    system_cpu_busy,
-    tree_cpu_seconds,
-)
+from .loadgen import CpuMeter, latency_stats, print_result, raise_fd_limit
 
 __all__ = ["AgentOptions", "command", "main", "run", "think_ms"]
 
@@ -454,19 +443,6 @@ def _rss_kb(pid: int | None) -> int | None:
     return None
 
 
-def _stats(values: list[int]) -> dict[str, float]:
-    """p50, p90, p99, max and mean in milliseconds."""
-    ordered = sorted(values)
-    ms = 1e-6
-    return {
-        "p50": round(percentile(ordered, 0.50) * ms, 3),
-        "p90": round(percentile(ordered, 0.90) * ms, 3),
-        "p99": round(percentile(ordered, 0.99) * ms, 3),
-        "max": round(percentile(ordered, 1.0) * ms, 3),
-        "mean": round(sum(ordered) / len(ordered) * ms, 3) if ordered else 0.0,
-    }
-
-
 async def run(opts: AgentOptions) -> dict[str, Any]:
     """Ramp up ``opts.sessions`` sessions, measure one window; return the result."""
     window = _Window(opts)
@@ -496,9 +472,7 @@ async def run(opts: AgentOptions) -> dict[str, Any]:
         while window.waiting:
             window.release()
         await asyncio.sleep(opts.warmup)
-        system0 = system_cpu_busy()
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        server0 = None if opts.server_pid is None else tree_cpu_seconds(opts.server_pid)
+        meter = CpuMeter(opts.server_pid)
         window.start_ns = time.perf_counter_ns()
         window.end_ns = window.start_ns + int(opts.duration * 1e9)
         rss: list[int] = []
@@ -507,9 +481,7 @@ async def run(opts: AgentOptions) -> dict[str, Any]:
             kb = _rss_kb(opts.server_pid)
             if kb is not None:
                 rss.append(kb)
-        cpu1, wall1 = time.process_time(), time.perf_counter()
-        server1 = None if opts.server_pid is None else tree_cpu_seconds(opts.server_pid)
-        system1 = system_cpu_busy()
+        cpu = meter.stop()
         now = time.perf_counter_ns()
         in_flight = [s.in_flight_since for s in window.sessions]
         ages = [now - t for t in in_flight if t is not None]
@@ -521,11 +493,6 @@ async def run(opts: AgentOptions) -> dict[str, Any]:
         for task in window.tasks:
             task.cancel()
         await asyncio.gather(*window.tasks, return_exceptions=True)
-    span = wall1 - wall0
-    cpu = 100.0 * (cpu1 - cpu0) / span
-    server_cpu = None if server0 is None or server1 is None else 100.0 * (server1 - server0) / span
-    busy = busy_percent(system0, system1)
-    other = None if busy is None or server_cpu is None else other_cpu(busy, cpu, server_cpu)
     turns = len(window.latency)
     rate = turns / opts.duration
     rss_steady = sorted(rss)[len(rss) // 2] if rss else None
@@ -559,10 +526,10 @@ async def run(opts: AgentOptions) -> dict[str, Any]:
             round(rate * sum(window.think) / turns * 1e-9 / opts.sessions, 4) if turns else 0.0
         ),
         "think_mean_measured_ms": (round(sum(window.think) / turns * ms, 1) if turns else None),
-        "latency_ms": _stats(window.latency),
-        "overhead_ms": _stats(window.overhead),
-        "ttfc_ms": _stats(window.ttfc),
-        "ttfc_overhead_ms": _stats(window.ttfc_overhead),
+        "latency_ms": latency_stats(window.latency),
+        "overhead_ms": latency_stats(window.overhead),
+        "ttfc_ms": latency_stats(window.ttfc),
+        "ttfc_overhead_ms": latency_stats(window.ttfc_overhead),
         "errors": sum(window.errors.values()),
         "error_kinds": dict(window.errors),
         "ramp_errors": dict(window.ramp_errors),
@@ -574,13 +541,7 @@ async def run(opts: AgentOptions) -> dict[str, Any]:
         "server_rss_steady_kb": rss_steady,
         "server_rss_max_kb": max(rss) if rss else None,
         "server_rss_per_session_bytes": per_session,
-        "loadgen_cpu_percent": round(cpu, 1),
-        "server_cpu_percent": None if server_cpu is None else round(server_cpu, 1),
-        "loadgen_saturated": cpu >= SATURATED_CPU,
-        "cpu_busy_percent": busy,
-        "other_cpu_percent": None if other is None else round(other, 1),
-        "loadgen_cpus": affinity(),
-        "event_loop": loop_name(),
+        **cpu.report(),
         "turn_samples": {
             "fields": ["think_ms", "latency_ms", "ttfc_ms"],
             "rows": [
@@ -688,16 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        import uvloop
-    except ImportError:
-        result = asyncio.run(run(opts))
-    else:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            result = runner.run(run(opts))
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
-    return 0
+    return print_result(run(opts))
 
 
 if __name__ == "__main__":

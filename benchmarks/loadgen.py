@@ -36,18 +36,24 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
+    "CpuMeter",
+    "CpuUsage",
     "Options",
+    "Window",
     "affinity",
     "busy_percent",
     "command",
+    "latency_stats",
     "loop_name",
     "main",
     "other_cpu",
     "percentile",
+    "print_result",
     "process_cpu_seconds",
     "raise_fd_limit",
     "run",
@@ -80,13 +86,33 @@ class Options:
 
 
 @dataclass
-class _State:
+class Window:
+    """The measured window, ``[start_ns, end_ns)`` of ``time.perf_counter_ns``, and
+    what a load generator counts whatever it measures: errors inside it, connects."""
+
     start_ns: int
     end_ns: int
     stop: bool = False
-    latencies: list[int] = field(default_factory=list)
+    """Set when the window is over: connections stop looping."""
     errors: Counter[str] = field(default_factory=Counter)
     connects: int = 0
+
+    @classmethod
+    def after(cls, warmup: float, duration: float) -> Self:
+        """The window opening ``warmup`` seconds from now, ``duration`` seconds long."""
+        start_ns = time.perf_counter_ns() + int(warmup * 1e9)
+        return cls(start_ns=start_ns, end_ns=start_ns + int(duration * 1e9))
+
+    def error(self, kind: str) -> None:
+        """Count an error of ``kind`` if it happens inside the window."""
+        now = time.perf_counter_ns()
+        if self.start_ns <= now < self.end_ns:
+            self.errors[kind] += 1
+
+
+@dataclass
+class _State(Window):
+    latencies: list[int] = field(default_factory=list)
 
 
 def build_request(opts: Options, index: int) -> bytes:
@@ -153,7 +179,7 @@ async def _connection(opts: Options, state: _State, index: int) -> None:
         try:
             reader, writer = await _open(opts)
         except (OSError, TimeoutError) as exc:
-            _error(state, f"connect: {type(exc).__name__}")
+            state.error(f"connect: {type(exc).__name__}")
             await asyncio.sleep(0.05)  # back off; the server may be overloaded
             continue
         state.connects += 1
@@ -163,14 +189,14 @@ async def _connection(opts: Options, state: _State, index: int) -> None:
                 status, close = await _exchange(reader, writer, request)
                 done = clock()
                 if status != b"200":
-                    _error(state, f"status {status.decode('latin-1')}")
+                    state.error(f"status {status.decode('latin-1')}")
                 elif state.start_ns <= done < state.end_ns:
                     latencies.append(done - started)
                 if close:
                     break
         except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
             if not state.stop:
-                _error(state, type(exc).__name__)
+                state.error(type(exc).__name__)
         finally:
             writer.close()
 
@@ -192,7 +218,7 @@ async def _churn_connection(opts: Options, state: _State, index: int) -> None:
                     try:
                         conn = await _open(opts)
                     except (OSError, TimeoutError) as exc:
-                        _error(state, f"connect: {type(exc).__name__}")
+                        state.error(f"connect: {type(exc).__name__}")
                         await asyncio.sleep(0.05)
                         ok = False
                         break
@@ -201,13 +227,13 @@ async def _churn_connection(opts: Options, state: _State, index: int) -> None:
                     status, close = await _exchange(*conn, request)
                 except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
                     if not state.stop:
-                        _error(state, type(exc).__name__)
+                        state.error(type(exc).__name__)
                     conn[1].close()
                     conn = None
                     ok = False
                     break
                 if not status.startswith(b"2"):
-                    _error(state, f"status {status.decode('latin-1')}")
+                    state.error(f"status {status.decode('latin-1')}")
                     ok = False
                 if close:
                     conn[1].close()
@@ -218,12 +244,6 @@ async def _churn_connection(opts: Options, state: _State, index: int) -> None:
     finally:
         if conn is not None:
             conn[1].close()
-
-
-def _error(state: _State, kind: str) -> None:
-    now = time.perf_counter_ns()
-    if state.start_ns <= now < state.end_ns:
-        state.errors[kind] += 1
 
 
 def _cpu_seconds() -> float:
@@ -315,64 +335,135 @@ def percentile(ordered: list[int], q: float) -> int:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
+def latency_stats(values: list[int]) -> dict[str, float]:
+    """p50, p90, p99, max and mean of nanosecond ``values``, in milliseconds (0 when empty)."""
+    ordered = sorted(values)
+    ms = 1e-6
+    return {
+        "p50": round(percentile(ordered, 0.50) * ms, 3),
+        "p90": round(percentile(ordered, 0.90) * ms, 3),
+        "p99": round(percentile(ordered, 0.99) * ms, 3),
+        "max": round(percentile(ordered, 1.0) * ms, 3),
+        "mean": round(sum(ordered) / len(ordered) * ms, 3) if ordered else 0.0,
+    }
+
+
+@dataclass
+class CpuUsage:
+    """CPU use over a measured window, each in percent of one core."""
+
+    loadgen: float
+    server: float | None
+    """The server with its descendants (``None``: no ``--server-pid``, or gone)."""
+    server_own: float | None
+    """The server process alone."""
+    busy: dict[str, float] | None
+    """Each CPU's busy percent (``None``: no ``/proc/stat``)."""
+
+    @property
+    def other(self) -> float | None:
+        """Anything but the load generator and the server: noise."""
+        if self.busy is None or self.server is None:
+            return None
+        return other_cpu(self.busy, self.loadgen, self.server)
+
+    def report(self, *, server_own: bool = False, busy: bool = True) -> dict[str, Any]:
+        """The CPU part of a load generator's JSON result, with where it ran.
+
+        ``server_own`` adds ``server_own_cpu_percent`` and ``busy`` the
+        per-CPU ``cpu_busy_percent``, for the generators that report them.
+        """
+        report: dict[str, Any] = {
+            "loadgen_cpu_percent": round(self.loadgen, 1),
+            "server_cpu_percent": _round(self.server),
+        }
+        if server_own:
+            report["server_own_cpu_percent"] = _round(self.server_own)
+        report["loadgen_saturated"] = self.loadgen >= SATURATED_CPU
+        if busy:
+            report["cpu_busy_percent"] = self.busy
+        report["other_cpu_percent"] = _round(self.other)
+        report["loadgen_cpus"] = affinity()
+        report["event_loop"] = loop_name()
+        return report
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+class CpuMeter:
+    """Measures this process's, the server's and the whole machine's CPU use between
+    :meth:`start` and :meth:`stop` (the server's on Linux, given its pid)."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self._start = self._snapshot()
+
+    def _snapshot(
+        self,
+    ) -> tuple[float, float, float | None, float | None, dict[str, tuple[int, int]] | None]:
+        pid = self.server_pid
+        return (
+            time.perf_counter(),
+            _cpu_seconds(),
+            None if pid is None else tree_cpu_seconds(pid),
+            None if pid is None else process_cpu_seconds(pid),
+            system_cpu_busy(),
+        )
+
+    def start(self) -> None:
+        """Open the window now."""
+        self._start = self._snapshot()
+
+    def stop(self) -> CpuUsage:
+        """Close the window now: the use since :meth:`start`."""
+        wall1, own1, tree1, alone1, system1 = self._snapshot()
+        wall0, own0, tree0, alone0, system0 = self._start
+        window = wall1 - wall0
+
+        def percent(before: float | None, after: float | None) -> float | None:
+            return None if before is None or after is None else 100.0 * (after - before) / window
+
+        return CpuUsage(
+            loadgen=100.0 * (own1 - own0) / window,
+            server=percent(tree0, tree1),
+            server_own=percent(alone0, alone1),
+            busy=busy_percent(system0, system1),
+        )
+
+
 async def run(opts: Options) -> dict[str, Any]:
     """Drive the server for ``warmup + duration`` seconds; return the result."""
-    now = time.perf_counter_ns()
-    start_ns = now + int(opts.warmup * 1e9)
-    state = _State(start_ns=start_ns, end_ns=start_ns + int(opts.duration * 1e9))
+    state = _State.after(opts.warmup, opts.duration)
     client = _churn_connection if opts.churn else _connection
     tasks = [asyncio.create_task(client(opts, state, i)) for i in range(opts.connections)]
+    meter = CpuMeter(opts.server_pid)
     try:
         await asyncio.sleep(opts.warmup)
-        system0 = system_cpu_busy()
-        own0 = _server_own_cpu(opts)
-        cpu0, server0, wall0 = _cpu_seconds(), _server_cpu(opts), time.perf_counter()
+        meter.start()
         await asyncio.sleep(max(0.0, (state.end_ns - time.perf_counter_ns()) / 1e9))
-        cpu1, server1, wall1 = _cpu_seconds(), _server_cpu(opts), time.perf_counter()
-        own1 = _server_own_cpu(opts)
-        system1 = system_cpu_busy()
+        cpu = meter.stop()
         state.stop = True
         _, pending = await asyncio.wait(tasks, timeout=opts.io_timeout)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    window = wall1 - wall0
     ordered = sorted(state.latencies)
-    cpu = 100.0 * (cpu1 - cpu0) / window
-    server_cpu = (
-        None if server0 is None or server1 is None else 100.0 * (server1 - server0) / window
-    )
-    own_cpu = None if own0 is None or own1 is None else 100.0 * (own1 - own0) / window
-    busy = busy_percent(system0, system1)
-    other = None
-    if busy is not None and server_cpu is not None:
-        other = other_cpu(busy, cpu, server_cpu)
-    ms = 1e-6
     return {
         "requests": len(ordered),
         "errors": sum(state.errors.values()),
         "error_kinds": dict(state.errors),
         "duration": round(opts.duration, 3),
         "rps": round(len(ordered) / opts.duration, 1),
-        "p50": round(percentile(ordered, 0.50) * ms, 3),
-        "p90": round(percentile(ordered, 0.90) * ms, 3),
-        "p99": round(percentile(ordered, 0.99) * ms, 3),
-        "max": round(percentile(ordered, 1.0) * ms, 3),
-        "mean": round(sum(ordered) / len(ordered) * ms, 3) if ordered else 0.0,
+        **latency_stats(ordered),
         "connections": opts.connections,
         "mode": "churn" if opts.churn else "requests",
         "connects": state.connects,
         "stuck_connections": len(pending),
         "warmup": opts.warmup,
-        "loadgen_cpu_percent": round(cpu, 1),
-        "server_cpu_percent": None if server_cpu is None else round(server_cpu, 1),
-        "server_own_cpu_percent": None if own_cpu is None else round(own_cpu, 1),
-        "loadgen_saturated": cpu >= SATURATED_CPU,
-        "cpu_busy_percent": busy,
-        "other_cpu_percent": None if other is None else round(other, 1),
-        "loadgen_cpus": affinity(),
-        "event_loop": loop_name(),
+        **cpu.report(server_own=True),
     }
 
 
@@ -396,15 +487,6 @@ def raise_fd_limit() -> int:
 def affinity() -> list[int] | None:
     """The CPUs this process may run on (``None``: unknown)."""
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-
-
-def _server_own_cpu(opts: Options) -> float | None:
-    """The server process alone, without its children."""
-    return None if opts.server_pid is None else process_cpu_seconds(opts.server_pid)
-
-
-def _server_cpu(opts: Options) -> float | None:
-    return None if opts.server_pid is None else tree_cpu_seconds(opts.server_pid)
 
 
 def loop_name() -> str:
@@ -481,19 +563,24 @@ def _parse(argv: list[str] | None) -> Options:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: print the result as JSON on stdout."""
-    opts = _parse(argv)
+def print_result(main: Coroutine[Any, Any, dict[str, Any]]) -> int:
+    """Run a load generator's ``main`` coroutine on uvloop (plain asyncio when uvloop
+    is not installed) and print its result as one JSON line on stdout; exit code 0."""
     try:
         import uvloop
     except ImportError:
-        result = asyncio.run(run(opts))
+        result = asyncio.run(main)
     else:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            result = runner.run(run(opts))
+            result = runner.run(main)
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: print the result as JSON on stdout."""
+    return print_result(run(_parse(argv)))
 
 
 if __name__ == "__main__":

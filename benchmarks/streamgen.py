@@ -22,16 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import resource
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .loadgen import SATURATED_CPU, percentile, system_cpu_busy, tree_cpu_seconds
+from .loadgen import CpuMeter, Window, percentile, print_result
 
 __all__ = ["Options", "command", "main", "run"]
 
@@ -56,9 +52,7 @@ class Options:
 
 
 @dataclass
-class _State:
-    start_ns: int
-    end_ns: int
+class _State(Window):
     chunks: int = 0
     """Data events received inside the measured window."""
     streams: int = 0
@@ -68,11 +62,8 @@ class _State:
     ttfc_sent: list[int] = field(default_factory=list)
     """When each of those streams was sent (same order)."""
     durations: list[int] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)
-    connects: int = 0
-    stop: bool = False
-    """Set when the window ends: a reader whose cancellation was swallowed
-    (``asyncio.wait_for`` can, on Python 3.11) still stops."""
+    # ``stop`` is set when the window ends: a reader whose cancellation was
+    # swallowed (``asyncio.wait_for`` can, on Python 3.11) still stops.
 
 
 class StreamError(Exception):
@@ -187,7 +178,7 @@ async def _reader(opts: Options, state: _State, index: int) -> None:
                 asyncio.open_connection(opts.host, opts.port), opts.io_timeout
             )
         except (OSError, TimeoutError) as exc:
-            _error(state, f"connect: {type(exc).__name__}")
+            state.error(f"connect: {type(exc).__name__}")
             await asyncio.sleep(0.05)  # back off; the server may be overloaded
             continue
         state.connects += 1
@@ -195,65 +186,30 @@ async def _reader(opts: Options, state: _State, index: int) -> None:
             while not state.stop and not await _stream(reader, writer, request, opts, state):
                 pass
         except StreamError as exc:
-            _error(state, str(exc).split(" (")[0])
+            state.error(str(exc).split(" (")[0])
         except (OSError, EOFError, ValueError, TimeoutError, asyncio.LimitOverrunError) as exc:
-            _error(state, type(exc).__name__)
+            state.error(type(exc).__name__)
         finally:
             writer.close()
         await asyncio.sleep(0.01)  # a server that keeps failing is not hammered
 
 
-def _error(state: _State, kind: str) -> None:
-    now = time.perf_counter_ns()
-    if state.start_ns <= now < state.end_ns:
-        state.errors[kind] += 1
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _busy_total(
-    before: dict[str, tuple[int, int]] | None, after: dict[str, tuple[int, int]] | None
-) -> float | None:
-    """Percent of one CPU used on all CPUs together between two snapshots."""
-    if before is None or after is None:
-        return None
-    total = 0.0
-    for cpu, (b1, t1) in after.items():
-        b0, t0 = before.get(cpu, (b1, t1))
-        total += 100.0 * (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-    return total
-
-
 async def run(opts: Options) -> dict[str, Any]:
     """Read streams for ``warmup + duration`` seconds; return the result."""
-    start_ns = time.perf_counter_ns() + int(opts.warmup * 1e9)
-    state = _State(start_ns=start_ns, end_ns=start_ns + int(opts.duration * 1e9))
-    pid = opts.server_pid
-
-    def server_cpu() -> float | None:
-        return None if pid is None else tree_cpu_seconds(pid)
-
+    state = _State.after(opts.warmup, opts.duration)
+    start_ns = state.start_ns
     tasks = [asyncio.create_task(_reader(opts, state, i)) for i in range(opts.readers)]
+    meter = CpuMeter(opts.server_pid)
     try:
         await asyncio.sleep(opts.warmup)
-        system0 = system_cpu_busy()
-        cpu0, server0, wall0 = _cpu_seconds(), server_cpu(), time.perf_counter()
+        meter.start()
         await asyncio.sleep(max(0.0, (state.end_ns - time.perf_counter_ns()) / 1e9))
-        cpu1, server1, wall1 = _cpu_seconds(), server_cpu(), time.perf_counter()
-        system1 = system_cpu_busy()
+        cpu = meter.stop()
     finally:
         state.stop = True
         for task in tasks:
             task.cancel()
         _, stuck = await asyncio.wait(tasks, timeout=opts.io_timeout)
-    window = wall1 - wall0
-    cpu = 100.0 * (cpu1 - cpu0) / window
-    server = None if server0 is None or server1 is None else 100.0 * (server1 - server0) / window
-    busy = _busy_total(system0, system1)
-    other = None if busy is None or server is None else max(0.0, busy - cpu - server)
     # Time to first chunk of streams sent after the warm-up; all streams when
     # too few were (a slow server with many readers starts few streams).
     late = [t for t, sent in zip(state.ttfc, state.ttfc_sent, strict=True) if sent >= start_ns]
@@ -280,14 +236,7 @@ async def run(opts: Options) -> dict[str, Any]:
         "stuck_readers": len(stuck),
         "duration": round(opts.duration, 3),
         "warmup": opts.warmup,
-        "loadgen_cpu_percent": round(cpu, 1),
-        "server_cpu_percent": None if server is None else round(server, 1),
-        "loadgen_saturated": cpu >= SATURATED_CPU,
-        "other_cpu_percent": None if other is None else round(other, 1),
-        "loadgen_cpus": sorted(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else None,
-        "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+        **cpu.report(busy=False),
     }
 
 
@@ -345,14 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         duration=args.duration,
         server_pid=args.server_pid,
     )
-    try:
-        import uvloop
-    except ImportError:
-        result = asyncio.run(run(opts))
-    else:
-        result = uvloop.run(run(opts))
-    print(json.dumps(result))
-    return 0
+    return print_result(run(opts))
 
 
 if __name__ == "__main__":
