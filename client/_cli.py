@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -51,12 +51,13 @@ from ppio_sandbox.agent_runtime.packaging import AGENT_FILE, pack_directory
 from ._agent_yaml import write_status
 from ._client import AgentRuntimeClient
 from ._config import ClientConfig
-from ._models import AgentTemplate, RequestLike
+from ._models import AgentTemplate, RequestLike, SessionInfo
 
 __all__ = ["add_commands", "run"]
 
 Handler = Callable[[AgentRuntimeClient, argparse.Namespace, "Output"], Awaitable[int]]
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+_Item = TypeVar("_Item")
 
 #: Lines of a failed build's log shown on stderr.
 LOG_TAIL_LINES = 20
@@ -128,6 +129,27 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         for line in lines
     )
+
+
+def _listing(
+    out: Output,
+    name: str,
+    items: Sequence[_Item],
+    headers: Sequence[str],
+    row: Callable[[_Item], Sequence[str]],
+) -> int:
+    """Show a ``list`` command's result: a table of ``row(item)``, ``no <name>``, or JSON.
+
+    With ``--json`` the items are one document, ``{name: items}``; ``row``
+    is used only for the table.
+    """
+    if out.json:
+        out.document({name: items})
+    elif not items:
+        out.text(f"no {name}")
+    else:
+        out.text(_table(headers, [row(item) for item in items]))
+    return 0
 
 
 def _size(n: int) -> str:
@@ -276,15 +298,10 @@ async def _invoke(client: AgentRuntimeClient, args: argparse.Namespace, out: Out
 
 async def _list_templates(client: AgentRuntimeClient, args: argparse.Namespace, out: Output) -> int:
     templates = await client.list_templates(refresh=True)
-    if out.json:
-        out.document({"templates": templates})
-        return 0
-    if not templates:
-        out.text("no templates")
-        return 0
     now = time.time()
-    rows = [
-        (
+
+    def row(t: AgentTemplate) -> Sequence[str]:
+        return (
             t.template_id,
             t.name,
             t.version,
@@ -292,10 +309,9 @@ async def _list_templates(client: AgentRuntimeClient, args: argparse.Namespace, 
             str((t.spec.get("sandbox") or {}).get("kind", "")),
             _span(now - t.updated_at) + " ago" if t.updated_at else "-",
         )
-        for t in templates
-    ]
-    out.text(_table(("TEMPLATE ID", "NAME", "VERSION", "PHASE", "SANDBOX", "UPDATED"), rows))
-    return 0
+
+    headers = ("TEMPLATE ID", "NAME", "VERSION", "PHASE", "SANDBOX", "UPDATED")
+    return _listing(out, "templates", templates, headers, row)
 
 
 # -- session list / close -----------------------------------------------------
@@ -303,15 +319,10 @@ async def _list_templates(client: AgentRuntimeClient, args: argparse.Namespace, 
 
 async def _list_sessions(client: AgentRuntimeClient, args: argparse.Namespace, out: Output) -> int:
     sessions = [session.info for session in await client.list_sessions()]
-    if out.json:
-        out.document({"sessions": sessions})
-        return 0
-    if not sessions:
-        out.text("no sessions")
-        return 0
     now = time.time()
-    rows = [
-        (
+
+    def row(s: SessionInfo) -> Sequence[str]:
+        return (
             s.session_id,
             s.template_id,
             s.status,
@@ -320,11 +331,9 @@ async def _list_sessions(client: AgentRuntimeClient, args: argparse.Namespace, o
             _span(now - s.last_activity),
             _span(s.expires_at - now) if s.expires_at is not None else "-",
         )
-        for s in sessions
-    ]
+
     headers = ("SESSION ID", "TEMPLATE", "STATUS", "TURNS", "AGE", "IDLE", "EXPIRES IN")
-    out.text(_table(headers, rows))
-    return 0
+    return _listing(out, "sessions", sessions, headers, row)
 
 
 async def _close_session(client: AgentRuntimeClient, args: argparse.Namespace, out: Output) -> int:
