@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "ClientConfig",
     "resolve_credentials",
+    "time_budget",
 ]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8900"
@@ -32,6 +33,20 @@ Wire = Literal["json", "msgpack"]
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def time_budget(timeout: float | None, default: float | None) -> float:
+    """Seconds a wait may take: ``timeout``, else ``default``; both ``None``: no limit (inf).
+
+    The rule every client wait follows (a call's deadline, a pool's
+    acquire); a budget that is not positive raises :class:`ValueError`.
+    """
+    value = default if timeout is None else timeout
+    if value is None:
+        return math.inf
+    if not value > 0:
+        raise ValueError("timeout must be a positive number of seconds")
+    return float(value)
 
 
 def _base_url_from_env() -> str:
@@ -117,12 +132,7 @@ class ClientConfig:
 
     def deadline_seconds(self, timeout: float | None) -> float:
         """A call's time budget: its own ``timeout``, else the configured one (inf: none)."""
-        value = self.timeout if timeout is None else timeout
-        if value is None:
-            return math.inf
-        if not value > 0:
-            raise ValueError("timeout must be a positive number of seconds")
-        return float(value)
+        return time_budget(timeout, self.timeout)
 
 
 def resolve_credentials(

@@ -44,6 +44,7 @@ from ppio_sandbox.agent_runtime.errors import (
 )
 from ppio_sandbox.agent_runtime.protocol import InvocationResponse
 
+from ._config import time_budget
 from ._models import RequestLike, Strategy
 from ._pool_stream import LOST, PoolStream, unusable_after
 from ._session import CLOSE_TIMEOUT, SandboxSession
@@ -315,11 +316,7 @@ class SessionPool:
 
     async def _checkout(self, timeout: float | None) -> _Pooled:
         self._check_open()
-        seconds = self.acquire_timeout if timeout is None else timeout
-        if seconds is None:
-            seconds = math.inf
-        elif not seconds > 0:
-            raise ValueError("timeout must be a positive number of seconds")
+        seconds = time_budget(timeout, self.acquire_timeout)
         await anyio.lowlevel.checkpoint()
         self._check_open()
         started = anyio.current_time()
