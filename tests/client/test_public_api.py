@@ -45,3 +45,18 @@ def test_docstring_examples(module: str) -> None:
     result = doctest.testmod(mod)
     assert result.failed == 0
     assert result.attempted > 0
+
+
+def test_client_pool_takes_exactly_the_session_pool_settings() -> None:
+    # AgentRuntimeClient.pool repeats SessionPool's keyword parameters on
+    # purpose (its signature is what IDEs show); this keeps the two in step.
+    import inspect
+
+    from ppio_sandbox.client import AgentRuntimeClient, SessionPool
+
+    factory = list(inspect.signature(AgentRuntimeClient.pool).parameters.values())
+    constructor = list(inspect.signature(SessionPool.__init__).parameters.values())
+    assert [p.name for p in factory[:2]] == ["self", "template_id"]
+    assert [p.name for p in constructor[:3]] == ["self", "client", "template_id"]
+    assert factory[2:] == constructor[3:]
+    assert len(factory) > 2
