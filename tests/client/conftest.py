@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
+import pytest
+from anyio.from_thread import start_blocking_portal
 
 from ppio_sandbox.client import AgentRuntimeClient, ClientConfig
 from ppio_sandbox.orchestrator.host import Orchestrator
@@ -39,6 +41,16 @@ def client_for(
         ClientConfig(base_url="http://orchestrator", **config),
         transport=httpx.AsyncHTTPTransport(uds=str(o.sock)),
     )
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Running]:
+    """An orchestrator on an event loop in a background thread (for the blocking facade)."""
+    with (
+        start_blocking_portal("asyncio") as portal,
+        portal.wrap_async_context_manager(orchestrator(tmp_path)) as running,
+    ):
+        yield running
 
 
 async def drain(chunks: AsyncIterator[Any], into: list[Any]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -10,7 +10,6 @@ import anyio.lowlevel
 import httpx
 import pytest
 from anyio.abc import TaskStatus
-from anyio.from_thread import start_blocking_portal
 
 from ppio_sandbox.client import (
     ClientConfig,
@@ -366,16 +365,6 @@ async def test_a_pool_of_an_unknown_template_tells_the_acquirer_why(tmp_path: Pa
                 pass
         assert type(caught.value).__name__ == "TemplateNotFoundError"
         assert pool.stats().size == 0
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Running]:
-    """An orchestrator on an event loop in a background thread (for the blocking facade)."""
-    with (
-        start_blocking_portal("asyncio") as portal,
-        portal.wrap_async_context_manager(orchestrator(tmp_path)) as running,
-    ):
-        yield running
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

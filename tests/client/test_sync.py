@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-from anyio.from_thread import start_blocking_portal
 
 from ppio_sandbox.client import (
     ClientConfig,
@@ -17,17 +14,7 @@ from ppio_sandbox.client import (
     SyncAgentRuntimeClient,
 )
 
-from .conftest import Running, orchestrator
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Running]:
-    """An orchestrator running on an event loop in a background thread."""
-    with (
-        start_blocking_portal("asyncio") as portal,
-        portal.wrap_async_context_manager(orchestrator(tmp_path)) as running,
-    ):
-        yield running
+from .conftest import Running
 
 
 def sync_client(o: Running, backend: str = "asyncio", **config: object) -> SyncAgentRuntimeClient:
