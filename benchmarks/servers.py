@@ -24,6 +24,7 @@ __all__ = [
     "AGENT_PROCESS",
     "BASELINE",
     "BASELINE_SSE",
+    "BASELINE_UNAVAILABLE",
     "BASELINE_UVICORN",
     "HELLO_PROCESS_TEMPLATE",
     "HELLO_TEMPLATE",
@@ -81,20 +82,25 @@ class ServerSpec:
         ]
 
 
-RUNTIME = ServerSpec(
-    name="runtime",
-    argv=(
+def _runtime_argv(agent: str) -> tuple[str, ...]:
+    """The runtime's own CLI serving ``agent`` on ``{bind}`` and ``{backend}``."""
+    return (
         sys.executable,
         "-m",
         "ppio_sandbox.agent_runtime",
-        "examples/agent_runtime/simple_agent.py",
+        agent,
         "--bind",
         "{bind}",
         "--backend",
         "{backend}",
         "--log-level",
         "WARNING",
-    ),
+    )
+
+
+RUNTIME = ServerSpec(
+    name="runtime",
+    argv=_runtime_argv("examples/agent_runtime/simple_agent.py"),
     ready_path="/ping",
 )
 """The example agent served by the runtime's own CLI (hypercorn, uvloop or trio)."""
@@ -134,18 +140,7 @@ STREAM_AGENT = ROOT / "benchmarks" / "agents" / "stream_agent.py"
 
 RUNTIME_STREAM = ServerSpec(
     name="runtime",
-    argv=(
-        sys.executable,
-        "-m",
-        "ppio_sandbox.agent_runtime",
-        str(STREAM_AGENT),
-        "--bind",
-        "{bind}",
-        "--backend",
-        "{backend}",
-        "--log-level",
-        "WARNING",
-    ),
+    argv=_runtime_argv(str(STREAM_AGENT)),
     ready_path="/ping",
 )
 """The streaming benchmark agent on the runtime (hypercorn, uvloop or trio)."""
@@ -156,6 +151,13 @@ BASELINE_SSE = ServerSpec(
     ready_path="/",
 )
 """A bare raw-ASGI SSE stream on hypercorn with the runtime's settings: the floor."""
+
+BASELINE_UNAVAILABLE = ServerSpec(
+    name="unavailable",
+    argv=(*BASELINE.argv, "--app", "unavailable"),
+    ready_path="/ping",
+)
+"""The hello world answering every request 503 but ``/ping`` (its readiness probe)."""
 
 
 def _orchestrator_argv(template: Path) -> tuple[str, ...]:

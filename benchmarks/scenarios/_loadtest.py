@@ -30,6 +30,7 @@ __all__ = [
     "noise_note",
     "run_pairs",
     "run_sweep",
+    "serve_pinned",
 ]
 
 NOISE_CPU = 10.0
@@ -50,6 +51,21 @@ class Subject:
     at a time, so that slow session starts (process sandboxes) are over."""
 
 
+def serve_pinned(
+    spec: ServerSpec, backend: str, config: RunConfig, pinning: procs.Pinning
+) -> contextlib.AbstractContextManager[RunningServer]:
+    """:func:`~benchmarks.servers.serve` on the server CPU of ``pinning``, with the
+    run's log directory and start and stop timeouts."""
+    return serve(
+        spec,
+        backend,
+        cpus=pinning.server,
+        logdir=config.workdir,
+        startup_timeout=config.startup_timeout,
+        stop_timeout=config.stop_timeout,
+    )
+
+
 def run_pairs(
     scenario: str,
     subjects: Sequence[Subject],
@@ -68,14 +84,7 @@ def run_pairs(
         for rep in range(1, config.repetitions + 1):
             for subject in subjects:
                 progress.start(f"{scenario} {backend} {subject.label} rep {rep}")
-                with serve(
-                    subject.spec,
-                    backend,
-                    cpus=pinning.server,
-                    logdir=config.workdir,
-                    startup_timeout=config.startup_timeout,
-                    stop_timeout=config.stop_timeout,
-                ) as server:
+                with serve_pinned(subject.spec, backend, config, pinning) as server:
                     if subject.prime:
                         _prime(server, subject.path, body, conns, config.startup_timeout)
                     result = _drive(server, subject, config, pinning, body, conns)
@@ -105,16 +114,7 @@ def run_sweep(
         for rep in range(1, config.repetitions + 1):
             with contextlib.ExitStack() as stack:
                 servers = [
-                    stack.enter_context(
-                        serve(
-                            subject.spec,
-                            backend,
-                            cpus=pinning.server,
-                            logdir=config.workdir,
-                            startup_timeout=config.startup_timeout,
-                            stop_timeout=config.stop_timeout,
-                        )
-                    )
+                    stack.enter_context(serve_pinned(subject.spec, backend, config, pinning))
                     for subject in subjects
                 ]
                 for level in levels:

@@ -41,9 +41,9 @@ from ..core import (
     summarize_measures,
 )
 from ..loadgen import SATURATED_CPU, raise_fd_limit
-from ..servers import HELLO_TEMPLATE, ORCHESTRATOR, ServerSpec, serve
+from ..servers import HELLO_TEMPLATE, ORCHESTRATOR, ServerSpec
 from . import register
-from ._loadtest import NOISE_CPU
+from ._loadtest import NOISE_CPU, serve_pinned
 
 __all__ = ["AgentHosting"]
 
@@ -272,14 +272,7 @@ class AgentHosting:
                 for rep in range(1, _repetitions(config, sessions) + 1):
                     label = f"{self.name} {backend} N={sessions:,} rep {rep}"
                     progress.start(label)
-                    with serve(
-                        ORCHESTRATOR_THINK,
-                        backend,
-                        cpus=pinning.server,
-                        logdir=config.workdir,
-                        startup_timeout=config.startup_timeout,
-                        stop_timeout=config.stop_timeout,
-                    ) as server:
+                    with serve_pinned(ORCHESTRATOR_THINK, backend, config, pinning) as server:
                         opts = agentgen.AgentOptions(
                             port=server.port,
                             template=TEMPLATE_ID,

@@ -23,31 +23,15 @@ from typing import Any
 
 from .. import procs
 from ..core import Bound, Metric, Progress, RunConfig, ScenarioResult, summarize_measures
-from ..servers import ORCHESTRATOR, ServerSpec, serve
+from ..servers import BASELINE_UNAVAILABLE, ORCHESTRATOR, RunningServer
 from . import register
+from ._loadtest import serve_pinned
 
 __all__ = ["ClientOverhead"]
 
 TEMPLATE = "bench-hello"
 CONCURRENCY = 16
 AMPLIFICATION_TARGET = 10.0
-
-UNAVAILABLE = ServerSpec(
-    name="unavailable",
-    argv=(
-        sys.executable,
-        "-m",
-        "benchmarks.hello_asgi",
-        "--bind",
-        "{bind}",
-        "--backend",
-        "{backend}",
-        "--app",
-        "unavailable",
-    ),
-    ready_path="/ping",
-)
-"""The hello world answering every request 503 but ``/ping`` (its readiness probe)."""
 
 METRICS = (
     Metric("rps", "invocations/s", "/s"),
@@ -68,20 +52,31 @@ METRICS = (
 )
 
 
-def _clientgen(mode: str, url: str, backend: str, *extra: str) -> list[str]:
-    return [
+def _clientgen(
+    mode: str,
+    server: RunningServer,
+    backend: str,
+    pinning: procs.Pinning,
+    *extra: str,
+    timeout: float = 120.0,
+) -> dict[str, Any]:
+    """Run ``python -m benchmarks.clientgen MODE`` on ``backend`` against ``server``,
+    pinned to the load generator's CPU; its JSON result."""
+    argv = [
         sys.executable,
         "-m",
         "benchmarks.clientgen",
         mode,
         "--url",
-        url,
+        f"http://127.0.0.1:{server.port}",
         "--template",
         TEMPLATE,
         "--backend",
         backend,
         *extra,
     ]
+    result: dict[str, Any] = procs.run_json(argv, cpus=pinning.loadgen, timeout=timeout)
+    return result
 
 
 class ClientOverhead:
@@ -106,30 +101,19 @@ class ClientOverhead:
         timing = ["--warmup", str(config.warmup), "--duration", str(config.duration)]
         for backend in config.backends:
             for rep in range(1, config.repetitions + 1):
-                with serve(
-                    ORCHESTRATOR,
-                    "asyncio",
-                    cpus=pinning.server,
-                    logdir=config.workdir,
-                    startup_timeout=config.startup_timeout,
-                    stop_timeout=config.stop_timeout,
-                ) as server:
-                    url = f"http://127.0.0.1:{server.port}"
+                with serve_pinned(ORCHESTRATOR, "asyncio", config, pinning) as server:
                     for kind in ("httpx", "client"):
                         progress.start(f"{self.name} {backend} {kind} rep {rep}")
-                        argv = _clientgen(
+                        result = _clientgen(
                             "throughput",
-                            url,
+                            server,
                             backend,
+                            pinning,
                             "--kind",
                             kind,
                             "--concurrency",
                             str(CONCURRENCY),
                             *timing,
-                        )
-                        result = procs.run_json(
-                            argv,
-                            cpus=pinning.loadgen,
                             timeout=config.warmup + config.duration + 60,
                         )
                         calls = max(1, result["calls"])
@@ -155,11 +139,7 @@ class ClientOverhead:
                             }
                         )
                     progress.start(f"{self.name} {backend} pool rep {rep}")
-                    result = procs.run_json(
-                        _clientgen("pool", url, backend, "--count", str(count)),
-                        cpus=pinning.loadgen,
-                        timeout=120,
-                    )
+                    result = _clientgen("pool", server, backend, pinning, "--count", str(count))
                     progress.finish(
                         f"acquire p50 {result['checked']['p50']:.3f} ms checked, "
                         f"{result['recent']['p50']:.3f} ms recent"
@@ -178,26 +158,16 @@ class ClientOverhead:
                         }
                     )
             progress.start(f"{self.name} {backend} retry amplification")
-            with serve(
-                UNAVAILABLE,
-                "asyncio",
-                cpus=pinning.server,
-                logdir=config.workdir,
-                startup_timeout=config.startup_timeout,
-                stop_timeout=config.stop_timeout,
-            ) as server:
-                result = procs.run_json(
-                    _clientgen(
-                        "amplification",
-                        f"http://127.0.0.1:{server.port}",
-                        backend,
-                        "--count",
-                        str(count * 2),
-                        "--concurrency",
-                        str(CONCURRENCY),
-                    ),
-                    cpus=pinning.loadgen,
-                    timeout=120,
+            with serve_pinned(BASELINE_UNAVAILABLE, "asyncio", config, pinning) as server:
+                result = _clientgen(
+                    "amplification",
+                    server,
+                    backend,
+                    pinning,
+                    "--count",
+                    str(count * 2),
+                    "--concurrency",
+                    str(CONCURRENCY),
                 )
             progress.finish(
                 f"{result['requests']} requests for {result['calls']} calls "

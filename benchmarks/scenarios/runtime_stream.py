@@ -18,9 +18,9 @@ from typing import Any
 
 from .. import peers, procs, streamgen
 from ..core import Metric, Progress, RunConfig, ScenarioResult, Spread, summarize_measures
-from ..servers import BASELINE_SSE, RUNTIME_STREAM, ServerSpec, serve
+from ..servers import BASELINE_SSE, RUNTIME_STREAM, ServerSpec
 from . import register
-from ._loadtest import NOISE_CPU
+from ._loadtest import NOISE_CPU, serve_pinned
 from .runtime_rps import peer_measures
 
 __all__ = ["RuntimeStream"]
@@ -102,14 +102,7 @@ class RuntimeStream:
                 for spec in subjects:
                     progress.start(f"{self.name} {backend} {spec.name} rep {rep}")
                     results: dict[int, dict[str, Any]] = {}
-                    with serve(
-                        spec,
-                        backend,
-                        cpus=pinning.server,
-                        logdir=config.workdir,
-                        startup_timeout=config.startup_timeout,
-                        stop_timeout=config.stop_timeout,
-                    ) as server:
+                    with serve_pinned(spec, backend, config, pinning) as server:
                         for readers in READERS:
                             opts = streamgen.Options(
                                 port=server.port,
