@@ -25,9 +25,12 @@ from ..servers import RunningServer, ServerError, ServerSpec, serve, unix_connec
 __all__ = [
     "NOISE_CPU",
     "Subject",
+    "SweepScenario",
     "describe",
     "loadgen_note",
+    "noise_and_errors",
     "noise_note",
+    "results_noise_note",
     "run_pairs",
     "run_sweep",
     "serve_pinned",
@@ -194,6 +197,43 @@ def _prime(server: RunningServer, path: str, body: bytes, count: int, timeout: f
             conn.close()
 
 
+class SweepScenario:
+    """The part the concurrency-sweeping scenarios share: the progress steps and
+    the sweep itself, over ``subjects`` at ``levels`` (``quick_levels`` with
+    ``--quick``; ``--concurrency`` overrides both) on every backend.
+
+    A subclass sets the class attributes and writes ``run``, calling
+    :meth:`sweep` for the samples.
+    """
+
+    name: str
+    subjects: tuple[Subject, ...]
+    levels: tuple[int, ...]
+    quick_levels: tuple[int, ...]
+    body: bytes
+
+    def steps(self, config: RunConfig) -> int:
+        """One step per (backend, repetition, level, subject)."""
+        levels = config.sweep(self.levels, self.quick_levels)
+        return len(config.backends) * config.repetitions * len(levels) * len(self.subjects)
+
+    def sweep(
+        self, config: RunConfig, progress: Progress
+    ) -> tuple[Sequence[int], list[dict[str, Any]], procs.Pinning]:
+        """:func:`run_sweep` on every backend: the levels swept, the samples, the pinning."""
+        levels = config.sweep(self.levels, self.quick_levels)
+        samples, pinning = run_sweep(
+            self.name,
+            self.subjects,
+            config,
+            progress,
+            backends=config.backends,
+            body=self.body,
+            levels=levels,
+        )
+        return levels, samples, pinning
+
+
 def loadgen_note(samples: list[dict[str, Any]]) -> str:
     """Whether the load generator, rather than the server, was the bottleneck."""
     peak = max(s["result"]["loadgen_cpu_percent"] for s in samples)
@@ -211,17 +251,31 @@ def loadgen_note(samples: list[dict[str, Any]]) -> str:
 
 def noise_note(samples: list[dict[str, Any]]) -> str | None:
     """A note when other processes used a CPU during measured windows."""
+    return results_noise_note([s["result"] for s in samples])
+
+
+def results_noise_note(results: Sequence[dict[str, Any]]) -> str | None:
+    """:func:`noise_note` of load generators' results themselves (not samples)."""
     noisy = [
-        s["result"]["other_cpu_percent"]
-        for s in samples
-        if (s["result"].get("other_cpu_percent") or 0.0) > NOISE_CPU
+        r["other_cpu_percent"] for r in results if (r.get("other_cpu_percent") or 0.0) > NOISE_CPU
     ]
     if not noisy:
         return None
     return (
         f"other processes used {min(noisy):.0f}-{max(noisy):.0f} % of a core in "
-        f"{len(noisy)} of {len(samples)} measured windows: figures are noisy"
+        f"{len(noisy)} of {len(results)} measured windows: figures are noisy"
     )
+
+
+def noise_and_errors(result: dict[str, Any]) -> str:
+    """The end of a progress line: other processes' CPU when noisy, then the
+    errors (empty when neither)."""
+    text = ""
+    if (result.get("other_cpu_percent") or 0.0) > NOISE_CPU:
+        text += f" / other {result['other_cpu_percent']} % (noisy)"
+    if result["errors"]:
+        text += f", {result['errors']} errors {result['error_kinds']}"
+    return text
 
 
 def describe(result: dict[str, Any]) -> str:
@@ -231,8 +285,4 @@ def describe(result: dict[str, Any]) -> str:
         f"{result['rps']:.0f} {unit}, p99 {result['p99']:.1f} ms, "
         f"cpu server {result['server_cpu_percent']} % / loadgen {result['loadgen_cpu_percent']} %"
     )
-    if (result.get("other_cpu_percent") or 0.0) > NOISE_CPU:
-        text += f" / other {result['other_cpu_percent']} % (noisy)"
-    if result["errors"]:
-        text += f", {result['errors']} errors {result['error_kinds']}"
-    return text
+    return text + noise_and_errors(result)

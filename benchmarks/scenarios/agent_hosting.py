@@ -43,7 +43,7 @@ from ..core import (
 from ..loadgen import SATURATED_CPU, raise_fd_limit
 from ..servers import HELLO_TEMPLATE, ORCHESTRATOR, ServerSpec
 from . import register
-from ._loadtest import NOISE_CPU, serve_pinned
+from ._loadtest import noise_and_errors, noise_note, serve_pinned
 
 __all__ = ["AgentHosting"]
 
@@ -138,11 +138,7 @@ def describe(result: dict[str, Any]) -> str:
         text += f", {per_session / 1024:.1f} KiB/session"
     if result["ready_sessions"] < result["sessions"]:
         text += f", only {result['ready_sessions']} sessions ready"
-    if (result.get("other_cpu_percent") or 0.0) > NOISE_CPU:
-        text += f" / other {result['other_cpu_percent']} % (noisy)"
-    if result["errors"]:
-        text += f", {result['errors']} errors {result['error_kinds']}"
-    return text
+    return text + noise_and_errors(result)
 
 
 def _limits_note(
@@ -319,16 +315,9 @@ class AgentHosting:
                 ]
                 if group:
                     notes.append(_limits_note(backend, sessions, group, pinning.server))
-        noisy = [
-            s["result"]["other_cpu_percent"]
-            for s in samples
-            if (s["result"].get("other_cpu_percent") or 0.0) > NOISE_CPU
-        ]
-        if noisy:
-            notes.append(
-                f"other processes used {min(noisy):.0f}-{max(noisy):.0f} % of a core in "
-                f"{len(noisy)} of {len(samples)} measured windows: figures are noisy"
-            )
+        noise = noise_note(samples)
+        if noise:
+            notes.append(noise)
         return ScenarioResult(
             name=self.name,
             rows=[],

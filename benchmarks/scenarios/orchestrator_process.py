@@ -24,7 +24,7 @@ from __future__ import annotations
 from ..core import Progress, RunConfig, ScenarioResult, concurrency_series, summarize
 from ..servers import AGENT_PROCESS, ORCHESTRATOR_PROCESS
 from . import register
-from ._loadtest import Subject, loadgen_note, noise_note, run_sweep
+from ._loadtest import Subject, SweepScenario, loadgen_note, noise_note
 
 __all__ = ["OrchestratorProcess"]
 
@@ -34,7 +34,7 @@ LEVELS = (1, 4, 16, 64)
 QUICK_LEVELS = (1, 4)
 
 
-class OrchestratorProcess:
+class OrchestratorProcess(SweepScenario):
     """The ``orchestrator-process`` scenario."""
 
     name = "orchestrator-process"
@@ -51,24 +51,13 @@ class OrchestratorProcess:
             prime=True,
         ),
     )
-
-    def steps(self, config: RunConfig) -> int:
-        """One step per (backend, repetition, level, subject)."""
-        levels = config.sweep(LEVELS, QUICK_LEVELS)
-        return len(config.backends) * config.repetitions * len(levels) * len(self.subjects)
+    levels = LEVELS
+    quick_levels = QUICK_LEVELS
+    body = BODY
 
     def run(self, config: RunConfig, progress: Progress) -> ScenarioResult:
         """Sweep the levels on every backend, ``config.repetitions`` times."""
-        levels = config.sweep(LEVELS, QUICK_LEVELS)
-        samples, pinning = run_sweep(
-            self.name,
-            self.subjects,
-            config,
-            progress,
-            backends=config.backends,
-            body=BODY,
-            levels=levels,
-        )
+        levels, samples, pinning = self.sweep(config, progress)
         rows = summarize(self.name, samples, baseline="agent-direct", targets=None)
         notes = [
             "N connections = N sessions = N agent processes behind the orchestrator "

@@ -25,7 +25,7 @@ from ..core import (
 )
 from ..servers import BASELINE, ORCHESTRATOR
 from . import register
-from ._loadtest import Subject, loadgen_note, noise_note, run_sweep
+from ._loadtest import Subject, SweepScenario, loadgen_note, noise_note
 
 __all__ = ["OrchestratorRps"]
 
@@ -37,7 +37,7 @@ LEVELS = (1, 4, 16, 64, 256)
 QUICK_LEVELS = (1, 64)
 
 
-class OrchestratorRps:
+class OrchestratorRps(SweepScenario):
     """The ``orchestrator-rps`` scenario."""
 
     name = "orchestrator-rps"
@@ -49,24 +49,13 @@ class OrchestratorRps:
         Subject("baseline", BASELINE, PATH),
         Subject("orchestrator", ORCHESTRATOR, PATH),
     )
-
-    def steps(self, config: RunConfig) -> int:
-        """One step per (backend, repetition, level, subject)."""
-        levels = config.sweep(LEVELS, QUICK_LEVELS)
-        return len(config.backends) * config.repetitions * len(levels) * len(self.subjects)
+    levels = LEVELS
+    quick_levels = QUICK_LEVELS
+    body = BODY
 
     def run(self, config: RunConfig, progress: Progress) -> ScenarioResult:
         """Sweep the levels on every backend, ``config.repetitions`` times."""
-        levels = config.sweep(LEVELS, QUICK_LEVELS)
-        samples, pinning = run_sweep(
-            self.name,
-            self.subjects,
-            config,
-            progress,
-            backends=config.backends,
-            body=BODY,
-            levels=levels,
-        )
+        levels, samples, pinning = self.sweep(config, progress)
         rows = summarize(self.name, samples, baseline="baseline", targets=TARGETS)
         notes = [
             f"pinning: {pinning.to_json()}",

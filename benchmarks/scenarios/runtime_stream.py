@@ -20,7 +20,7 @@ from .. import peers, procs, streamgen
 from ..core import Metric, Progress, RunConfig, ScenarioResult, Spread, summarize_measures
 from ..servers import BASELINE_SSE, RUNTIME_STREAM, ServerSpec
 from . import register
-from ._loadtest import NOISE_CPU, serve_pinned
+from ._loadtest import noise_and_errors, results_noise_note, serve_pinned
 from .runtime_rps import peer_measures
 
 __all__ = ["RuntimeStream"]
@@ -53,11 +53,7 @@ def describe(results: dict[int, dict[str, Any]]) -> str:
             f"{n}r: {r['chunks_per_s']:.0f} chunks/s, ttfc p50 {r['ttfc_p50']:.1f} ms, "
             f"cpu {r['server_cpu_percent']} / {r['loadgen_cpu_percent']} %"
         )
-        if (r.get("other_cpu_percent") or 0.0) > NOISE_CPU:
-            text += f" / other {r['other_cpu_percent']} % (noisy)"
-        if r["errors"]:
-            text += f", {r['errors']} errors {r['error_kinds']}"
-        parts.append(text)
+        parts.append(text + noise_and_errors(r))
     return "; ".join(parts)
 
 
@@ -198,16 +194,9 @@ class RuntimeStream:
                     f"in {warm} of {len(results)} samples fewer streams than readers started "
                     "after the warm-up: their TTFC includes the warm-up's streams"
                 )
-            noisy = [
-                r["other_cpu_percent"]
-                for r in results
-                if (r.get("other_cpu_percent") or 0) > NOISE_CPU
-            ]
-            if noisy:
-                notes.append(
-                    f"other processes used {min(noisy):.0f}-{max(noisy):.0f} % of a core in "
-                    f"{len(noisy)} of {len(results)} measured windows: figures are noisy"
-                )
+            noise = results_noise_note(results)
+            if noise:
+                notes.append(noise)
         notes += [f"peer {env.peer.description}: {env.versions}" for env in envs]
         notes += skipped.values()
         return notes
