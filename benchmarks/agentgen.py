@@ -51,7 +51,13 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from .loadgen import CpuMeter, latency_stats, print_result, raise_fd_limit
+from .loadgen import (
+    CpuMeter,
+    generator_command,
+    latency_stats,
+    print_result,
+    raise_fd_limit,
+)
 
 __all__ = ["AgentOptions", "command", "main", "run", "think_ms"]
 
@@ -558,14 +564,13 @@ async def run(opts: AgentOptions) -> dict[str, Any]:
 
 def command(opts: AgentOptions) -> list[str]:
     """The command line that runs ``opts`` in a fresh process (harness side)."""
-    argv = [
-        sys.executable,
-        "-m",
+    return generator_command(
         "benchmarks.agentgen",
-        "--host",
         opts.host,
-        "--port",
-        str(opts.port),
+        opts.port,
+        opts.warmup,
+        opts.duration,
+        opts.server_pid,
         "--template",
         opts.template,
         "--sessions",
@@ -578,18 +583,11 @@ def command(opts: AgentOptions) -> list[str]:
         str(opts.think_max),
         "--seed",
         str(opts.seed),
-        "--warmup",
-        str(opts.warmup),
-        "--duration",
-        str(opts.duration),
         "--connect-concurrency",
         str(opts.connect_concurrency),
         "--ramp-timeout",
         str(opts.ramp_timeout),
-    ]
-    if opts.server_pid is not None:
-        argv += ["--server-pid", str(opts.server_pid)]
-    return argv
+    )
 
 
 def _parse(argv: list[str] | None) -> AgentOptions:

@@ -48,6 +48,7 @@ __all__ = [
     "affinity",
     "busy_percent",
     "command",
+    "generator_command",
     "latency_stats",
     "loop_name",
     "main",
@@ -494,29 +495,41 @@ def loop_name() -> str:
     return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
 
+def generator_command(
+    module: str,
+    host: str,
+    port: int,
+    warmup: float,
+    duration: float,
+    server_pid: int | None,
+    *options: str,
+) -> list[str]:
+    """The command line running load generator ``module`` (``benchmarks.loadgen``,
+    ``benchmarks.streamgen``, ...) in a fresh process: the options they all take
+    (target, window, server pid) around its own ``options``."""
+    argv = [sys.executable, "-m", module, "--host", host, "--port", str(port), *options]
+    argv += ["--warmup", str(warmup), "--duration", str(duration)]
+    if server_pid is not None:
+        argv += ["--server-pid", str(server_pid)]
+    return argv
+
+
 def command(opts: Options) -> list[str]:
     """The command line that runs ``opts`` in a fresh process (harness side)."""
-    argv = [
-        sys.executable,
-        "-m",
+    argv = generator_command(
         "benchmarks.loadgen",
-        "--host",
         opts.host,
-        "--port",
-        str(opts.port),
+        opts.port,
+        opts.warmup,
+        opts.duration,
+        opts.server_pid,
         "--path",
         opts.path,
         "--body",
         opts.body.decode(),
         "--connections",
         str(opts.connections),
-        "--warmup",
-        str(opts.warmup),
-        "--duration",
-        str(opts.duration),
-    ]
-    if opts.server_pid is not None:
-        argv += ["--server-pid", str(opts.server_pid)]
+    )
     if opts.unix is not None:
         argv += ["--unix", opts.unix]
     if opts.session_prefix != Options.session_prefix:

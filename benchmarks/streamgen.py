@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .loadgen import CpuMeter, Window, percentile, print_result
+from .loadgen import CpuMeter, Window, generator_command, percentile, print_result
 
 __all__ = ["Options", "command", "main", "run"]
 
@@ -242,14 +242,13 @@ async def run(opts: Options) -> dict[str, Any]:
 
 def command(opts: Options) -> list[str]:
     """The command line that runs ``opts`` in a fresh process (harness side)."""
-    argv = [
-        sys.executable,
-        "-m",
+    return generator_command(
         "benchmarks.streamgen",
-        "--host",
         opts.host,
-        "--port",
-        str(opts.port),
+        opts.port,
+        opts.warmup,
+        opts.duration,
+        opts.server_pid,
         "--path",
         opts.path,
         "--body",
@@ -258,14 +257,7 @@ def command(opts: Options) -> list[str]:
         str(opts.readers),
         "--chunks",
         str(opts.chunks),
-        "--warmup",
-        str(opts.warmup),
-        "--duration",
-        str(opts.duration),
-    ]
-    if opts.server_pid is not None:
-        argv += ["--server-pid", str(opts.server_pid)]
-    return argv
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
