@@ -32,15 +32,19 @@ def missing() -> str | None:
 
 @dataclass(frozen=True)
 class Plot:
-    """A drawn plot: which scenario and series, and its file name in the report directory."""
+    """A drawn plot: which scenario and series, and its path relative to the report directory."""
 
     scenario: str
     series: Series
     filename: str
 
 
+PLOTS_DIR = "plots"
+"""Sub-directory of the report directory the PNG files go into."""
+
+
 def _filename(scenario: str, name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{scenario}-{name}") + ".png"
+    return f"{PLOTS_DIR}/" + re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{scenario}-{name}") + ".png"
 
 
 def _tick(value: float, _position: float | None = None) -> str:
@@ -116,7 +120,7 @@ def draw_all(results: Sequence[ScenarioResult], directory: Path) -> list[Plot]:
     """
     if missing() is not None:
         return []
-    directory.mkdir(parents=True, exist_ok=True)
+    (directory / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
     plots: list[Plot] = []
     for result in results:
         for series in result.series:

@@ -154,8 +154,12 @@ def test_report_writes_markdown_and_linked_pngs(tmp_path: Path) -> None:
     assert "| sweep | asyncio | orchestrator | 64 |" in text
     assert "RSS bytes/session" in text
     assert "## Plots" in text
-    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pngs == ["memory-memory.png", "sweep-latency.png", "sweep-throughput.png"]
+    pngs = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
+    assert pngs == [
+        "plots/memory-memory.png",
+        "plots/sweep-latency.png",
+        "plots/sweep-throughput.png",
+    ]
     for name in pngs:
         assert f"]({name})" in text
         assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
@@ -168,7 +172,7 @@ def test_report_without_matplotlib_says_so_and_draws_nothing(
     assert "matplotlib is not installed" in (plots.missing() or "")
     path = report.write_report(tmp_path, _synthetic_results(), _meta())
     assert "Plots not drawn: matplotlib is not installed" in path.read_text()
-    assert not list(tmp_path.glob("*.png"))
+    assert not list(tmp_path.rglob("*.png"))
 
 
 def test_json_has_machine_versions_config_series_and_raw_samples(tmp_path: Path) -> None:
