@@ -8,7 +8,7 @@ orchestrator's task group; it takes turns from the session's mailbox one at a
 time and runs them in the sandbox.
 
 Callers wait on a :class:`Turn` with :func:`wait_started` and read a stream
-with :func:`read_events`; the actor publishes progress with :func:`notify`.
+with :func:`read_batches`; the actor publishes progress with :func:`notify`.
 """
 
 from __future__ import annotations
@@ -32,13 +32,19 @@ from .session_core import SessionCore, Turn, TurnOutcome
 if TYPE_CHECKING:
     from .host import Orchestrator
 
-__all__ = ["PASSIVATE_AFTER", "STREAM_WINDOW", "Session", "notify", "read_events", "wait_started"]
+__all__ = ["PASSIVATE_AFTER", "STREAM_WINDOW", "Session", "notify", "read_batches", "wait_started"]
 
 PASSIVATE_AFTER = 5.0
 """Seconds an actor task waits for a new turn before it passivates."""
 
 STREAM_WINDOW = 32
 """Chunks the agent may run ahead of a live stream reader (backpressure)."""
+
+BATCH_MAX = 64
+"""Most chunks a stream reader takes (and writes) at once."""
+
+CHECKPOINT_EVERY = 8
+"""A streaming agent that never awaits yields to the event loop every this many chunks."""
 
 
 class Session:
@@ -108,22 +114,28 @@ async def wait_started(turn: Turn) -> None:
         await _changed(turn)
 
 
-async def read_events(turn: Turn, start: int = 0, *, live: bool = True) -> AsyncIterator[Any]:
-    """Yield ``(seq, chunk)`` from event ``start`` (0-based) until the turn ends.
+async def read_batches(
+    turn: Turn, start: int = 0, *, live: bool = True
+) -> AsyncIterator[tuple[int, list[Any]]]:
+    """Yield ``(seq, chunks)`` from event ``start`` (0-based) until the turn ends.
 
+    ``chunks`` are all the events ready so far (at most :data:`BATCH_MAX`),
+    ``seq`` the 1-based number of the first; a reader writes them at once.
     A ``live`` reader paces the agent: the actor runs at most
     :data:`STREAM_WINDOW` chunks ahead of it.
     """
     index = start
     while True:
         events = turn.events
-        while index < len(events):
-            chunk = events[index]
-            index += 1
+        if index < len(events):
+            batch = events[index : index + BATCH_MAX]
+            first = index + 1
+            index += len(batch)
             if live and index > turn.acked:
                 turn.acked = index
                 notify(turn)
-            yield index, chunk
+            yield first, batch
+            continue
         if turn.done:
             return
         await _changed(turn)
@@ -219,16 +231,21 @@ class TurnRunner:
             return
         turn.streaming = True
         notify(turn)
+        events = turn.events
         try:
             async for chunk in result:
-                turn.events.append(chunk)
+                events.append(chunk)
                 notify(turn)
                 # Backpressure: the agent waits for its reader. With no reader
                 # (it left; the turn is cancelled unless one returns) it waits
                 # too, so a fast generator cannot fill memory meanwhile.
-                while len(turn.events) - turn.acked >= STREAM_WINDOW:
+                while len(events) - turn.acked >= STREAM_WINDOW:
                     await _changed(turn)
-                await anyio.lowlevel.checkpoint()
+                # A generator that never awaits still lets others run, after
+                # its first chunk and then every few: its reader sends the
+                # chunks that piled up meanwhile in one write.
+                if len(events) % CHECKPOINT_EVERY == 1:
+                    await anyio.lowlevel.checkpoint()
         finally:
             aclose = getattr(result, "aclose", None)
             if aclose is not None:

@@ -31,7 +31,7 @@ from ppio_sandbox.agent_runtime.errors import (
 from ppio_sandbox.agent_runtime.protocol import encode_json
 from ppio_sandbox.agent_runtime.sse import encode_event, encode_raw_event
 
-from .actor import read_events, wait_started
+from .actor import read_batches, wait_started
 from .session_core import Admission, Strategy, Turn
 from .wire import decode_object, encode_reply
 
@@ -182,9 +182,10 @@ class InvocationHandler:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch_disconnect)
-            async for seq, chunk in read_events(turn, start):
-                event = encode_event(seq, chunk)
-                await send({"type": "http.response.body", "body": event, "more_body": True})
+            async for first, chunks in read_batches(turn, start):
+                body = b"".join([encode_event(first + i, c) for i, c in enumerate(chunks)])
+                seq = first + len(chunks) - 1
+                await send({"type": "http.response.body", "body": body, "more_body": True})
                 await anyio.lowlevel.checkpoint()
             if turn.error is not None:
                 data = encode_json(turn.error.to_envelope(turn.request_id))
