@@ -7,7 +7,9 @@ A request is retried only when that cannot do a piece of work twice:
   it refused the request before acting on it;
 - for an *idempotent* request (reads, and invocations, which always carry an
   ``Idempotency-Key`` the server deduplicates on) also 502, 504 and a
-  connection lost after sending (before or while the reply was read).
+  connection lost after sending (before or while the reply was read) --
+  except a 504 whose envelope says the turn itself ran out of time
+  (``InvocationTimeoutError``): a replay would only get that stored verdict.
 
 The wait is exponential backoff with full jitter (``uniform(0, min(cap,
 base * 2**attempt))``), or the server's ``Retry-After`` when it gives one
@@ -34,6 +36,9 @@ from dataclasses import dataclass
 import anyio
 import httpx
 
+from ppio_sandbox.agent_runtime.errors import InvocationTimeoutError
+from ppio_sandbox.agent_runtime.protocol import CONTENT_MSGPACK, decode_json, decode_msgpack
+
 __all__ = ["RetryBudget", "RetryPolicy", "RetryState", "parse_retry_after", "send_with_retries"]
 
 logger = logging.getLogger("ppio_sandbox.client")
@@ -43,6 +48,32 @@ _IDEMPOTENT_RETRYABLE = frozenset({429, 502, 503, 504})
 _MAX_RETRY_AFTER = 60.0
 _UNIT = 1_000_000  # tokens are counted in millionths, so that ten deposits of 0.1 make 1
 _QUIET = 1.0  # seconds without a refused retry before the reserve is used (and refills) again
+
+
+def is_turn_timeout(response: httpx.Response) -> bool:
+    """Whether ``response`` is the server's 504 for a turn that ran out of time.
+
+    Its envelope names :class:`InvocationTimeoutError`; a gateway's 504 (no
+    envelope, or a body not read yet) does not, and stays retryable.
+
+    >>> body = b'{"error": {"type": "InvocationTimeoutError", "message": "too slow"}}'
+    >>> is_turn_timeout(httpx.Response(504, content=body))
+    True
+    >>> is_turn_timeout(httpx.Response(504, text="upstream timed out"))
+    False
+    """
+    if response.status_code != InvocationTimeoutError.status_code:
+        return False
+    try:
+        data = response.content
+        if response.headers.get("content-type", "").startswith(CONTENT_MSGPACK):
+            body = decode_msgpack(data)
+        else:
+            body = decode_json(data)
+    except Exception:  # not read (a stream), empty, not our envelope
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and error.get("type") == InvocationTimeoutError.__name__
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -273,7 +304,9 @@ class RetryState:
                     raise
             else:
                 status = response.status_code
-                if not self.policy.retryable_status(status, idempotent=self.idempotent):
+                if not self.policy.retryable_status(
+                    status, idempotent=self.idempotent
+                ) or is_turn_timeout(response):
                     return response
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
                 wait = self.next_wait(retry_after, what=f"HTTP {status}")

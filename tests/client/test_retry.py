@@ -84,6 +84,22 @@ async def test_a_retried_invocation_replays_the_same_bytes_and_key_signed_afresh
         )  # fmt: skip
 
 
+async def test_a_turn_that_ran_out_of_time_is_not_replayed_but_a_gateway_timeout_is() -> None:
+    # The orchestrator's 504 names the turn's own timeout: a replay would only
+    # return that stored verdict, after a backoff.
+    script = Script(error(504, "InvocationTimeoutError"), httpx.Response(200, json=OK))
+    async with script.client() as client:
+        with pytest.raises(InvocationTimeoutError, match="scripted 504"):
+            await client.invoke_agent("echo", "hi", session_id="s")
+    assert len(script.requests) == 1
+    # A proxy's 504 (no envelope) says nothing about the turn: sent again.
+    script = Script(httpx.Response(504, text="upstream timed out"), httpx.Response(200, json=OK))
+    async with script.client() as client:
+        response = await client.invoke_agent("echo", "hi", session_id="s")
+    assert response.result == {"ok": True}
+    assert len(script.requests) == 2
+
+
 async def test_retry_after_is_honoured() -> None:
     script = Script(
         error(429, "TooManyRequestsError", **{"Retry-After": "0.3"}),
