@@ -33,17 +33,14 @@ from ppio_sandbox.agent_runtime.errors import (
 )
 from ppio_sandbox.agent_runtime.protocol import (
     CONTENT_JSON,
-    CONTENT_MSGPACK,
     HEADER_IDEMPOTENCY_KEY,
     HEADER_LAST_EVENT_ID,
     HEADER_REQUEST_ID,
-    decode_json,
-    decode_msgpack,
     encode_json,
 )
 
 from ._config import ClientConfig
-from ._models import PreparedInvocation, new_key
+from ._models import PreparedInvocation, decode_reply, new_key
 from ._retry import RetryBudget, RetryPolicy, RetryState, parse_retry_after
 
 __all__ = ["ApiConnection", "decode_reply", "error_from_response", "is_event_stream"]
@@ -54,17 +51,6 @@ _USER_AGENT = "ppio-sandbox-client/0.1"
 def is_event_stream(response: httpx.Response) -> bool:
     ctype: str = response.headers.get("content-type", "")
     return ctype.startswith("text/event-stream")
-
-
-def decode_reply(response: httpx.Response) -> Any:
-    """The body of a read response: msgpack or JSON by its Content-Type."""
-    data = response.content
-    if not data:
-        return None
-    ctype = response.headers.get("content-type", "")
-    if ctype.startswith(CONTENT_MSGPACK):
-        return decode_msgpack(data)
-    return decode_json(data)
 
 
 def error_from_response(response: httpx.Response) -> PPIOAgentRuntimeError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import msgspec
 
@@ -22,9 +22,14 @@ from ppio_sandbox.agent_runtime.protocol import (
     HEADER_REQUEST_ID,
     HEADER_SESSION_ID,
     InvocationRequest,
+    decode_json,
+    decode_msgpack,
     encode_json,
     encode_msgpack,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "HEADER_STRATEGY",
@@ -34,12 +39,26 @@ __all__ = [
     "SessionInfo",
     "Strategy",
     "convert",
+    "decode_reply",
     "encode_payload",
     "new_key",
     "request_payload",
 ]
 
 HEADER_STRATEGY = "X-PPIO-Strategy"
+
+
+def decode_reply(response: httpx.Response) -> Any:
+    """The body of a read response: msgpack or JSON by its Content-Type."""
+    data = response.content
+    if not data:
+        return None
+    ctype = response.headers.get("content-type", "")
+    if ctype.startswith(CONTENT_MSGPACK):
+        return decode_msgpack(data)
+    return decode_json(data)
+
+
 Strategy = Literal["enqueue", "reject", "interrupt"]
 RequestLike = InvocationRequest | Mapping[str, Any] | str
 """An invocation: an :class:`InvocationRequest`, a dict (sent as is) or a prompt."""

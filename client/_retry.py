@@ -37,7 +37,8 @@ import anyio
 import httpx
 
 from ppio_sandbox.agent_runtime.errors import InvocationTimeoutError
-from ppio_sandbox.agent_runtime.protocol import CONTENT_MSGPACK, decode_json, decode_msgpack
+
+from ._models import decode_reply
 
 __all__ = ["RetryBudget", "RetryPolicy", "RetryState", "parse_retry_after", "send_with_retries"]
 
@@ -65,12 +66,8 @@ def is_turn_timeout(response: httpx.Response) -> bool:
     if response.status_code != InvocationTimeoutError.status_code:
         return False
     try:
-        data = response.content
-        if response.headers.get("content-type", "").startswith(CONTENT_MSGPACK):
-            body = decode_msgpack(data)
-        else:
-            body = decode_json(data)
-    except Exception:  # not read (a stream), empty, not our envelope
+        body = decode_reply(response)
+    except Exception:  # not read (a stream), not our envelope
         return False
     error = body.get("error") if isinstance(body, dict) else None
     return isinstance(error, dict) and error.get("type") == InvocationTimeoutError.__name__
