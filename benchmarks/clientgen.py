@@ -34,7 +34,6 @@ import argparse
 import importlib.util
 import itertools
 import json
-import math
 import resource
 import sys
 import time
@@ -45,20 +44,13 @@ from typing import Any
 import anyio
 import httpx
 
+from benchmarks.loadgen import latency_stats
 from ppio_sandbox.agent_runtime.errors import PPIOAgentRuntimeError
 from ppio_sandbox.client import AgentRuntimeClient, ClientConfig
 
-__all__ = ["main", "percentile"]
+__all__ = ["main"]
 
 BODY = b'{"prompt":"hello"}'
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of already sorted values, nearest rank."""
-    if not sorted_values:
-        return math.nan
-    rank = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[rank]
 
 
 def _cpu_seconds() -> float:
@@ -67,12 +59,8 @@ def _cpu_seconds() -> float:
 
 
 def _latency_summary(latencies: list[float]) -> dict[str, float]:
-    data = sorted(latencies)
-    return {
-        "p50": round(percentile(data, 0.50) * 1000, 3),
-        "p99": round(percentile(data, 0.99) * 1000, 3),
-        "mean": round(sum(data) / len(data) * 1000, 3) if data else math.nan,
-    }
+    """The load generators' summary (ms) of latencies measured in seconds."""
+    return latency_stats([round(seconds * 1e9) for seconds in latencies])
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> ClientConfig:
