@@ -205,7 +205,7 @@ class TurnRunner:
                 outcome = TurnOutcome.CANCELLED
         if turn.error is not None:
             turn.error.request_id = turn.request_id
-        restart = host.crash_verdict(session) if outcome is TurnOutcome.CRASHED else False
+        restart = host.crash_verdict(session, turn) if outcome is TurnOutcome.CRASHED else False
         core.finish(turn, outcome, host.clock())
         host.turn_finished(turn, outcome)
         notify(turn)

@@ -21,6 +21,7 @@ from ppio_sandbox.agent_runtime.errors import (
     ValidationError,
 )
 
+from ._validate import check_session_id, check_timeout_seconds
 from .host import Orchestrator
 from .wire import decode_object, encode_reply, session_view, template_view
 
@@ -143,10 +144,8 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
         if not isinstance(template_id, str) or not template_id:
             raise ValidationError("template_id is required")
         timeout = body.get("timeout_seconds")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-        ):
-            raise ValidationError("timeout_seconds must be a number")
+        if timeout is not None:
+            timeout = check_timeout_seconds(timeout)
         env_vars = _env_vars(body.get("env_vars"))
         metadata = body.get("metadata")
         if metadata is None:
@@ -154,6 +153,8 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
         elif not isinstance(metadata, dict):
             raise ValidationError("metadata must be an object")
         session_id = body.get("session_id")
+        if session_id is not None:
+            session_id = check_session_id(session_id)
         session = await host.create_session(
             tenant(),
             template_id,
@@ -194,10 +195,7 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
     async def set_timeout(session_id: str) -> Response:
         session = host.get_session(tenant(), session_id)
         body = await body_object()
-        seconds = body.get("timeout_seconds")
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-            raise ValidationError("timeout_seconds must be a number")
-        host.set_timeout(session, float(seconds))
+        host.set_timeout(session, check_timeout_seconds(body.get("timeout_seconds")))
         return reply(view(session))
 
     @app.get("/v1/sessions/<session_id>/ping")

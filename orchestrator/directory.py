@@ -1,8 +1,10 @@
-"""The session directory: session id -> session record.
+"""The session directory: (tenant, session id) -> session record.
 
-An interface, because a multi-node deployment needs a directory shared
-between machines (a later milestone, on an existing engine); the embedded
-default keeps it in memory. Ended sessions leave a tombstone (bounded, least
+Session ids are per tenant: two tenants may both name a session ``chat-1``
+and never see, block or learn of each other's. An interface, because a
+multi-node deployment keeps the directory of *where* sessions live in an
+engine shared between machines; this one is the node-local table of the
+sessions a node hosts. Ended sessions leave a tombstone (bounded, least
 recently ended evicted first) so a late call hears why its session is gone.
 """
 
@@ -21,17 +23,17 @@ class SessionDirectory(abc.ABC):
     """Where live sessions are found, and why ended ones ended."""
 
     @abc.abstractmethod
-    def get(self, session_id: str) -> Session | None: ...
+    def get(self, tenant: str, session_id: str) -> Session | None: ...
 
     @abc.abstractmethod
     def add(self, session: Session) -> None: ...
 
     @abc.abstractmethod
-    def remove(self, session_id: str, reason: str, tenant: str) -> None:
-        """Forget a live session, remembering why it ended."""
+    def remove(self, tenant: str, session_id: str, reason: str | None) -> None:
+        """Forget a live session, remembering why it ended (no tombstone if ``reason`` is None)."""
 
     @abc.abstractmethod
-    def end_reason(self, session_id: str, tenant: str) -> str | None:
+    def end_reason(self, tenant: str, session_id: str) -> str | None:
         """Why the tenant's session ended, if it is remembered."""
 
     @abc.abstractmethod
@@ -45,31 +47,30 @@ class InMemorySessionDirectory(SessionDirectory):
     """A dict of live sessions plus a bounded dict of tombstones."""
 
     def __init__(self, max_tombstones: int = 10_000) -> None:
-        self._live: dict[str, Session] = {}
-        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._live: dict[tuple[str, str], Session] = {}
+        self._ended: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._max_tombstones = max_tombstones
 
-    def get(self, session_id: str) -> Session | None:
-        return self._live.get(session_id)
+    def get(self, tenant: str, session_id: str) -> Session | None:
+        return self._live.get((tenant, session_id))
 
     def add(self, session: Session) -> None:
-        if session.session_id in self._live:
+        key = (session.tenant, session.session_id)
+        if key in self._live:
             raise KeyError(f"session {session.session_id} exists")
-        self._live[session.session_id] = session
-        self._ended.pop(session.session_id, None)
+        self._live[key] = session
+        self._ended.pop(key, None)
 
-    def remove(self, session_id: str, reason: str, tenant: str) -> None:
-        if self._live.pop(session_id, None) is None:
+    def remove(self, tenant: str, session_id: str, reason: str | None) -> None:
+        key = (tenant, session_id)
+        if self._live.pop(key, None) is None or reason is None:
             return
-        self._ended[session_id] = (tenant, reason)
+        self._ended[key] = reason
         while len(self._ended) > self._max_tombstones:
             self._ended.popitem(last=False)
 
-    def end_reason(self, session_id: str, tenant: str) -> str | None:
-        ended = self._ended.get(session_id)
-        if ended is None or ended[0] != tenant:
-            return None
-        return ended[1]
+    def end_reason(self, tenant: str, session_id: str) -> str | None:
+        return self._ended.get((tenant, session_id))
 
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._live.values()))

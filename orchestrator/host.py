@@ -10,7 +10,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import re
 import secrets
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from ppio_sandbox.agent_runtime.errors import (
     ValidationError,
 )
 
+from ._validate import check_session_id, check_timeout_seconds
 from .actor import Session, TurnRunner, notify
 from .directory import InMemorySessionDirectory, SessionDirectory
 from .sandbox.base import SandboxProvider
@@ -39,8 +39,6 @@ from .sandbox.inprocess import InProcessSandboxProvider
 from .session_core import Admission, SessionCore, SessionLimits, Strategy, Turn, TurnOutcome
 
 __all__ = ["SHARED_TENANT", "Orchestrator", "OrchestratorConfig"]
-
-_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 SHARED_TENANT = "shared"
 """Owner of templates registered at start-up (``serve --template``): every
@@ -62,13 +60,6 @@ class OrchestratorConfig:
     a reader comes back (``Last-Event-ID``)."""
     warm_pool: int | None = None
     """Override every process template's warm pool size."""
-
-
-def check_session_id(value: object) -> str:
-    """A caller-chosen session id: 1-128 of ``A-Z a-z 0-9 . _ : -`` (it goes in URLs)."""
-    if not isinstance(value, str) or not _SESSION_ID.fullmatch(value):
-        raise ValidationError("session_id must be 1-128 characters of letters, digits and . _ : -")
-    return value
 
 
 class _Reaper:
@@ -137,7 +128,7 @@ class Orchestrator:
         self._idle: anyio.Event | None = None  # set up only while draining
         self._providers: dict[str, SandboxProvider] = {}
         self._provider_locks: dict[str, anyio.Lock] = {}
-        self._creating: dict[str, anyio.Event] = {}
+        self._creating: dict[tuple[str, str], anyio.Event] = {}
         self._turn_timeouts: dict[str, float] = {}
         self._building: set[tuple[str, str]] = set()
         self._resolved: dict[tuple[str, str], Any] = {}
@@ -383,15 +374,20 @@ class Orchestrator:
         env_vars: dict[str, str] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Session:
-        """Start a session of a deployed template; returns once its sandbox is ready."""
+        """Start a session of a deployed template; returns once its sandbox is ready.
+
+        All or nothing: a session that cannot be fully set up is not in the
+        directory and its sandbox is closed.
+        """
         self._check_accepting()
+        if timeout_seconds is not None:
+            timeout_seconds = check_timeout_seconds(timeout_seconds)
+        sid = check_session_id(session_id) if session_id else "sess-" + secrets.token_hex(8)
         template = await self.resolve_template(template_id, tenant)
         if template.phase != "deployed":
             raise TemplateNotFoundError(f"template {template.id} is {template.phase}, not deployed")
-        if timeout_seconds is not None and not timeout_seconds > 0:
-            raise ValidationError("timeout_seconds must be a positive number")
-        sid = check_session_id(session_id) if session_id else "sess-" + secrets.token_hex(8)
-        if self.directory.get(sid) is not None or sid in self._creating:
+        key = (tenant, sid)
+        if self.directory.get(tenant, sid) is not None or key in self._creating:
             raise ValidationError(f"session {sid} already exists")
         provider = await self.provider_for(template)
         now = self.clock()
@@ -399,23 +395,30 @@ class Orchestrator:
         session = Session(
             core, tenant=tenant, template_id=template.id, metadata=metadata, env_vars=env_vars
         )
-        ready = self._creating[sid] = anyio.Event()
+        ready = self._creating[key] = anyio.Event()
         try:
-            with anyio.fail_after(self.config.start_timeout):
-                session.sandbox = await provider.create(sid, env_vars)
-        except ValueError as exc:  # e.g. env_vars the sandbox refuses
-            raise ValidationError(str(exc)) from None
-        except TimeoutError:
-            raise ServiceUnavailableError(
-                f"sandbox for {template.id} did not start in {self.config.start_timeout:g} s"
-            ) from None
+            try:
+                with anyio.fail_after(self.config.start_timeout):
+                    session.sandbox = await provider.create(sid, env_vars)
+            except ValueError as exc:  # e.g. env_vars the sandbox refuses
+                raise ValidationError(str(exc)) from None
+            except TimeoutError:
+                raise ServiceUnavailableError(
+                    f"sandbox for {template.id} did not start in {self.config.start_timeout:g} s"
+                ) from None
+            try:
+                self._count_sandbox_start(provider.kind)
+                core.started(self.clock())
+                self.directory.add(session)
+                self._reaper.track(session)
+            except BaseException:
+                self.directory.remove(tenant, sid, None)
+                with anyio.CancelScope(shield=True):
+                    await session.sandbox.close()
+                raise
         finally:
-            del self._creating[sid]
+            del self._creating[key]
             ready.set()
-        self._count_sandbox_start(provider.kind)
-        core.started(self.clock())
-        self.directory.add(session)
-        self._reaper.track(session)
         return session
 
     async def get_or_create_session(
@@ -423,24 +426,23 @@ class Orchestrator:
     ) -> Session:
         """The AgentCore route: the session named by the caller, created on first use."""
         if session_id:
-            while (pending := self._creating.get(session_id)) is not None:
+            check_session_id(session_id)
+            while (pending := self._creating.get((tenant, session_id))) is not None:
                 await pending.wait()
-            session = self.directory.get(session_id)
+            session = self.directory.get(tenant, session_id)
             if session is not None:
-                if session.tenant != tenant:
-                    raise SessionNotFoundError(f"session {session_id} not found")
                 session.core.check_alive()
                 return session
-            reason = self.directory.end_reason(session_id, tenant)
+            reason = self.directory.end_reason(tenant, session_id)
             if reason is not None:
                 raise SessionNotFoundError(f"session {session_id} {reason}")
         return await self.create_session(tenant, agent_id, session_id=session_id)
 
     def get_session(self, tenant: str, session_id: str) -> Session:
         """A live session of the tenant; 404 naming why it ended otherwise."""
-        session = self.directory.get(session_id)
-        if session is None or session.tenant != tenant:
-            reason = self.directory.end_reason(session_id, tenant)
+        session = self.directory.get(tenant, session_id)
+        if session is None:
+            reason = self.directory.end_reason(tenant, session_id)
             raise SessionNotFoundError(
                 f"session {session_id} {reason}" if reason else f"session {session_id} not found"
             )
@@ -469,7 +471,7 @@ class Orchestrator:
             running.error = error(f"session {session.session_id} {reason}")
             running.cancel()
         session.kick()
-        self.directory.remove(session.session_id, reason, session.tenant)
+        self.directory.remove(session.tenant, session.session_id, reason)
         with anyio.CancelScope(shield=True):
             if session.sandbox is not None:
                 await session.sandbox.close()
@@ -488,8 +490,8 @@ class Orchestrator:
         if session.core.queued:
             self.activate(session)
 
-    def set_timeout(self, session: Session, seconds: float) -> None:
-        session.core.set_timeout(seconds, self.clock())
+    def set_timeout(self, session: Session, seconds: object) -> None:
+        session.core.set_timeout(check_timeout_seconds(seconds), self.clock())
         self._reaper.track(session)
 
     # -- turns --------------------------------------------------------------
@@ -552,11 +554,12 @@ class Orchestrator:
             duration = (turn.finished_at or 0.0) - (turn.started_at or 0.0)
             self.metrics.record_turn(outcome.value, duration)
 
-    def crash_verdict(self, session: Session) -> bool:
+    def crash_verdict(self, session: Session, turn: Turn | None = None) -> bool:
         """A sandbox died in a turn: True to restart it, False if the session failed.
 
         Decided before the crashed turn's caller is answered, so a call made
-        right after a fatal crash already hears that the session failed.
+        right after a fatal crash already hears that the session failed, and
+        so does the caller of the turn whose crash spent the restart budget.
         """
         core = session.core
         kind = session.sandbox.kind if session.sandbox is not None else "unknown"
@@ -570,11 +573,17 @@ class Orchestrator:
             f"failed: its sandbox crashed more than {core.limits.restart_budget} times "
             f"in {core.limits.restart_window:g} s"
         )
-        for turn in core.fail(reason):
-            turn.error = SandboxCrashedError(f"session {session.session_id} {reason}")
-            turn.finished_at = self.clock()
-            notify(turn)
-        self.directory.remove(session.session_id, reason, session.tenant)
+        for waiting in core.fail(reason):
+            waiting.error = SandboxCrashedError(f"session {session.session_id} {reason}")
+            waiting.finished_at = self.clock()
+            notify(waiting)
+        if turn is not None and turn.error is not None:
+            crash = turn.error
+            turn.error = SandboxCrashedError(
+                f"session {session.session_id} {reason}; this turn's crash: {crash.message}",
+                details=crash.details,
+            )
+        self.directory.remove(session.tenant, session.session_id, reason)
         logger.warning("session %s %s", session.session_id, reason)
         return False
 

@@ -69,11 +69,13 @@ async def test_a_crash_loop_fails_the_session_and_answers_every_caller(tmp_path:
     limits = SessionLimits(restart_budget=2, restart_window=60)
     async with orchestrator(tmp_path, templates=TEMPLATES, limits=limits) as o:
         sid = await o.session("echo-process")
-        statuses = []
-        for _ in range(3):
-            r = await o.invoke(sid, {"action": "crash"})
-            statuses.append(r.status_code)
-        assert statuses == [502, 502, 502]
+        replies = [await o.invoke(sid, {"action": "crash"}) for _ in range(3)]
+        assert [r.status_code for r in replies] == [502, 502, 502]
+        # The caller whose crash spent the restart budget hears that the session failed.
+        assert "restart" not in replies[1].json()["error"]["message"]
+        last = replies[2].json()["error"]["message"]
+        assert f"session {sid} failed: its sandbox crashed more than 2 times" in last, last
+        assert "this turn's crash: sandbox process" in last, last
         r = await o.invoke(sid, {})
         assert r.status_code == 404
         assert "crashed" in r.json()["error"]["message"]
