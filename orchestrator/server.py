@@ -104,8 +104,13 @@ async def run(
     install_signal_handlers: bool = True,
     task_status: anyio.abc.TaskStatus[Orchestrator] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown`` is set or a signal arrives."""
+    """Serve until ``shutdown`` is set or a signal arrives.
+
+    ``task_status.started(host)`` is reported once the listening socket is
+    bound and listens: a connection made from then on is queued and served.
+    """
     from hypercorn.config import Config
+    from hypercorn.utils import wrap_app
 
     from .api import create_api
     from .frontend import FrontDoor
@@ -117,11 +122,13 @@ async def run(
     if not authenticator.enabled:
         logger.warning("no API keys configured: authentication is off (loopback only)")
     on_trio = sniffio.current_async_library() == "trio"
+    # hypercorn's worker_serve (what its serve() runs) takes sockets already
+    # bound: run() binds them itself, so it knows when they listen.
     if on_trio:
-        from hypercorn.trio import serve as hypercorn_serve
+        from hypercorn.trio.run import worker_serve
         from quart_trio import QuartTrio as app_class
     else:
-        from hypercorn.asyncio import serve as hypercorn_serve  # type: ignore[assignment]
+        from hypercorn.asyncio.run import worker_serve  # type: ignore[assignment]
         from quart import Quart as app_class  # type: ignore[assignment]
 
     config = OrchestratorConfig(
@@ -153,21 +160,32 @@ async def run(
         hc.graceful_timeout = min(options.grace, 5.0)
         hc.accesslog = None
         hc.errorlog = logging.getLogger("ppio_sandbox.orchestrator.server")
+        app = wrap_app(front, hc.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
         forced = anyio.Event()
         async with anyio.create_task_group() as tg:
 
-            async def serve_http() -> None:
+            async def serve_http(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                # Bound and listening before started(): from then on a client's
+                # connection waits in the backlog until hypercorn accepts it.
+                sockets = hc.create_sockets()
+                listening = [*sockets.secure_sockets, *sockets.insecure_sockets]
                 try:
-                    await hypercorn_serve(front, hc, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+                    for sock in listening:
+                        sock.listen(hc.backlog)
+                    task_status.started()
+                    await worker_serve(app, hc, sockets=sockets, shutdown_trigger=shutdown.wait)
                 except Exception as exc:
                     # hypercorn's asyncio worker raises InvalidStateError when
                     # its graceful wait is cancelled: a forced stop, not a crash.
                     if not forced.is_set():
                         raise
                     logger.debug("HTTP server stopped by force: %r", exc)
+                finally:
+                    for sock in listening:
+                        sock.close()
                 tg.cancel_scope.cancel()
 
-            tg.start_soon(serve_http)
+            await tg.start(serve_http)
             logger.info("orchestrator listening on %s (data in %s)", bind, options.data_dir)
             task_status.started(host)
             if install_signal_handlers:
