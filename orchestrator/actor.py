@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
+from ppio_sandbox.agent_runtime._handlers import describe_failure, is_cancellation
 from ppio_sandbox.agent_runtime.errors import (
     InvocationError,
     InvocationTimeoutError,
@@ -176,44 +177,55 @@ class TurnRunner:
         host = self.host
         core = session.core
         outcome = TurnOutcome.OK
+        result: Any = None
+        error: PPIOAgentRuntimeError | None = None
         host.turn_started()
         timeout = host.turn_timeout(session)
         # One scope for both ways a turn is stopped: its deadline, and
-        # turn.cancel (whose callers always set turn.error first).
+        # turn.cancel (called once the core has recorded why: core.stop).
         with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
             turn.cancel = scope.cancel
             try:
-                await self._execute(session, turn)
+                result = await self._execute(session, turn)
             except SandboxCrashedError as exc:
-                turn.error = exc
-                outcome = TurnOutcome.CRASHED
+                error, outcome = exc, TurnOutcome.CRASHED
             except PPIOAgentRuntimeError as exc:
-                turn.error = exc
-                outcome = TurnOutcome.ERROR
-            except Exception as exc:
-                message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                turn.error = InvocationError(message)
-                outcome = TurnOutcome.ERROR
+                error, outcome = exc, TurnOutcome.ERROR
+            except BaseException as exc:  # sys.exit() in an in-process agent fails its turn only
+                if is_cancellation(exc):
+                    raise
+                error, outcome = InvocationError(describe_failure(exc)), TurnOutcome.ERROR
         turn.cancel = None
         if scope.cancelled_caught:
-            if turn.error is None:
-                turn.error = InvocationTimeoutError(
+            if turn.stop_error is None:
+                error = InvocationTimeoutError(
                     f"turn exceeded the template's timeout ({timeout:g} s)"
                 )
                 outcome = TurnOutcome.TIMEOUT
             else:
-                outcome = TurnOutcome.CANCELLED
-        if turn.error is not None:
-            turn.error.request_id = turn.request_id
-        restart = host.crash_verdict(session, turn) if outcome is TurnOutcome.CRASHED else False
-        core.finish(turn, outcome, host.clock())
-        host.turn_finished(turn, outcome)
+                error, outcome = turn.stop_error, TurnOutcome.CANCELLED
+        restart = False
+        if outcome is TurnOutcome.CRASHED:
+            assert error is not None
+            restart, fatal = host.crash_verdict(session)
+            if fatal is not None:
+                # The caller whose crash spent the budget hears that the session failed.
+                error = SandboxCrashedError(
+                    f"session {session.session_id} {fatal}; this turn's crash: {error.message}",
+                    details=error.details,
+                )
+        if error is not None:
+            error.request_id = turn.request_id
+            result = None
+        core.finish(turn, outcome, host.clock(), result=result, error=error)
+        host.turn_finished(session, turn, outcome)
         notify(turn)
         if outcome is TurnOutcome.CRASHED:
             with anyio.CancelScope(shield=True):
                 await host.replace_sandbox(session, restart)
 
-    async def _execute(self, session: Session, turn: Turn) -> None:
+    async def _execute(self, session: Session, turn: Turn) -> Any:
+        """Run the turn in the sandbox: its result, or None once a stream is consumed."""
         sandbox = session.sandbox
         if sandbox is None or not sandbox.alive:
             raise SandboxCrashedError(f"session {session.session_id} has no running sandbox")
@@ -227,27 +239,27 @@ class TurnRunner:
         )
         result = await sandbox.invoke(call)
         if not hasattr(result, "__anext__"):
-            turn.result = result
-            return
-        turn.streaming = True
+            return result
+        core = session.core
+        core.stream_started(turn)
         notify(turn)
-        events = turn.events
         try:
             async for chunk in result:
-                events.append(chunk)
+                count = core.add_chunk(turn, chunk)
                 notify(turn)
                 # Backpressure: the agent waits for its reader. With no reader
                 # (it left; the turn is cancelled unless one returns) it waits
                 # too, so a fast generator cannot fill memory meanwhile.
-                while len(events) - turn.acked >= STREAM_WINDOW:
+                while count - turn.acked >= STREAM_WINDOW:
                     await _changed(turn)
                 # A generator that never awaits still lets others run, after
                 # its first chunk and then every few: its reader sends the
                 # chunks that piled up meanwhile in one write.
-                if len(events) % CHECKPOINT_EVERY == 1:
+                if count % CHECKPOINT_EVERY == 1:
                     await anyio.lowlevel.checkpoint()
         finally:
             aclose = getattr(result, "aclose", None)
             if aclose is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await aclose()
+        return None

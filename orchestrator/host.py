@@ -31,6 +31,7 @@ from ppio_sandbox.agent_runtime.errors import (
     ValidationError,
 )
 
+from ._policy import SandboxPolicy
 from ._validate import check_session_id, check_timeout_seconds
 from .actor import Session, TurnRunner, notify
 from .directory import InMemorySessionDirectory, SessionDirectory
@@ -60,6 +61,8 @@ class OrchestratorConfig:
     a reader comes back (``Last-Event-ID``)."""
     warm_pool: int | None = None
     """Override every process template's warm pool size."""
+    trust_uploads: bool = False
+    """Let tenants' uploads run in-process (``serve --trust-uploads``); see :mod:`._policy`."""
 
 
 class _Reaper:
@@ -133,6 +136,7 @@ class Orchestrator:
         self._building: set[tuple[str, str]] = set()
         self._resolved: dict[tuple[str, str], Any] = {}
         self._template_generation = 0
+        self.sandbox_policy = SandboxPolicy(trust_uploads=self.config.trust_uploads)
         self._runner = TurnRunner(self)
         self._reaper = _Reaper(self)
         self._tg: anyio.abc.TaskGroup | None = None
@@ -239,7 +243,7 @@ class Orchestrator:
 
     def _make_provider(self, template: Any) -> SandboxProvider:
         spec = template.spec
-        if spec.sandbox.kind == "process":
+        if self.sandbox_policy.decide(template).kind == "process":  # uploads: see _policy
             from .sandbox.process import ProcessSandboxProvider
 
             warm = self.config.warm_pool
@@ -304,6 +308,7 @@ class Orchestrator:
     async def register_directory(self, path: Path, tenant: str) -> Any:
         """Register a local template directory (``serve --template``) and build it now."""
         template = await self.templates.register_directory(path, tenant)
+        self.sandbox_policy.vouch(template)  # the operator's own: may run in-process
         if template.phase != "deployed":
             await self.build_template(template)
         return await self.templates.get(template.id, tenant)
@@ -462,13 +467,10 @@ class Orchestrator:
         core = session.core
         if core.ended:
             return
-        for turn in core.begin_close(reason):
-            turn.error = error(f"session {session.session_id} {reason}")
-            turn.finished_at = self.clock()
-            notify(turn)
         running = core.running
-        if running is not None and running.cancel is not None:
-            running.error = error(f"session {session.session_id} {reason}")
+        for turn in core.begin_close(reason, self.clock(), error):
+            notify(turn)
+        if running is not None and running.stop_error is not None and running.cancel is not None:
             running.cancel()
         session.kick()
         self.directory.remove(session.tenant, session.session_id, reason)
@@ -510,12 +512,12 @@ class Orchestrator:
         self._check_accepting()
         now = self.clock()
         turn = Turn(key, body_hash, payload, request_id=request_id, submitted_at=now)
-        admission, turn, to_cancel = session.core.admit(turn, strategy, now)
+        core = session.core
+        admission, turn, to_cancel = core.admit(turn, strategy, now)
         if to_cancel is not None and to_cancel.cancel is not None:
-            to_cancel.error = InvocationCancelledError(
-                f"interrupted by a newer turn (request {request_id})"
-            )
-            to_cancel.cancel()
+            error = InvocationCancelledError(f"interrupted by a newer turn (request {request_id})")
+            if core.stop(to_cancel, error):
+                to_cancel.cancel()
         if admission is Admission.QUEUED:
             self.activate(session)
         return admission, turn
@@ -527,17 +529,18 @@ class Orchestrator:
         session.active = True
         self.spawn(self._runner.run, session)
 
-    def reader_left(self, turn: Turn) -> None:
+    def reader_left(self, session: Session, turn: Turn) -> None:
         """A stream's reader went away; cancel the turn unless one comes back."""
         turn.readers -= 1
         if turn.readers == 0 and not turn.done and turn.streaming:
-            self.spawn(self._cancel_orphan, turn)
+            self.spawn(self._cancel_orphan, session, turn)
 
-    async def _cancel_orphan(self, turn: Turn) -> None:
+    async def _cancel_orphan(self, session: Session, turn: Turn) -> None:
         await anyio.sleep(self.config.stream_resume_grace)
         if turn.readers == 0 and not turn.done and turn.cancel is not None:
-            turn.error = InvocationCancelledError("the caller disconnected from the stream")
-            turn.cancel()
+            error = InvocationCancelledError("the caller disconnected from the stream")
+            if session.core.stop(turn, error):
+                turn.cancel()
 
     def turn_timeout(self, session: Session) -> float:
         """The template's ``spec.runtime.timeout`` for each turn."""
@@ -546,7 +549,7 @@ class Orchestrator:
     def turn_started(self) -> None:
         self.running_turns += 1
 
-    def turn_finished(self, turn: Turn, outcome: TurnOutcome) -> None:
+    def turn_finished(self, session: Session, turn: Turn, outcome: TurnOutcome) -> None:
         self.running_turns -= 1
         if self.running_turns == 0 and self._idle is not None:
             self._idle.set()
@@ -554,8 +557,8 @@ class Orchestrator:
             duration = (turn.finished_at or 0.0) - (turn.started_at or 0.0)
             self.metrics.record_turn(outcome.value, duration)
 
-    def crash_verdict(self, session: Session, turn: Turn | None = None) -> bool:
-        """A sandbox died in a turn: True to restart it, False if the session failed.
+    def crash_verdict(self, session: Session) -> tuple[bool, str | None]:
+        """A sandbox died in a turn: ``(restart, None)``, or ``(False, why the session failed)``.
 
         Decided before the crashed turn's caller is answered, so a call made
         right after a fatal crash already hears that the session failed, and
@@ -566,26 +569,18 @@ class Orchestrator:
         if self.metrics is not None:
             self.metrics.sandbox_crashes_total.labels(kind).inc()
         if core.ended:
-            return False
+            return False, None
         if core.sandbox_crashed(self.clock()):
-            return True
+            return True, None
         reason = (
             f"failed: its sandbox crashed more than {core.limits.restart_budget} times "
             f"in {core.limits.restart_window:g} s"
         )
-        for waiting in core.fail(reason):
-            waiting.error = SandboxCrashedError(f"session {session.session_id} {reason}")
-            waiting.finished_at = self.clock()
+        for waiting in core.fail(reason, self.clock(), SandboxCrashedError):
             notify(waiting)
-        if turn is not None and turn.error is not None:
-            crash = turn.error
-            turn.error = SandboxCrashedError(
-                f"session {session.session_id} {reason}; this turn's crash: {crash.message}",
-                details=crash.details,
-            )
         self.directory.remove(session.tenant, session.session_id, reason)
         logger.warning("session %s %s", session.session_id, reason)
-        return False
+        return False, reason
 
     async def replace_sandbox(self, session: Session, restart: bool) -> None:
         """Stop a crashed sandbox and, if ``restart``, start a fresh one in its place."""

@@ -139,7 +139,7 @@ class InvocationHandler:
                 await self._reply(send, turn, headers, h.get("accept", b""), session.session_id)
         finally:
             if streaming:
-                host.reader_left(turn)
+                host.reader_left(session, turn)
             else:
                 turn.readers -= 1
 

@@ -97,7 +97,12 @@ class Turn:
 
     The reply is recorded here so a replay can be served: ``result`` for a
     plain reply, ``events`` (the chunks so far) for a stream, ``error`` for a
-    failure. The actor fills these; the core only reads ``finished_at``.
+    failure. Only :class:`SessionCore` writes these (its transitions raise
+    :class:`IllegalTransition` when a turn is not in the state they need);
+    everyone else reads them.
+
+    ``cancel``, ``listeners``, ``readers`` and ``acked`` belong to the I/O
+    layer (the actor and the HTTP readers): the core never touches them.
     """
 
     __slots__ = (
@@ -109,13 +114,16 @@ class Turn:
         "finished_at",
         "key",
         "listeners",
+        "outcome",
         "payload",
         "readers",
         "request_id",
         "result",
         "started_at",
+        "stop_error",
         "streaming",
         "submitted_at",
+        "wire",
     )
 
     def __init__(
@@ -136,8 +144,11 @@ class Turn:
         self.finished_at: float | None = None
         self.result: Any = None
         self.error: PPIOAgentRuntimeError | None = None
+        self.outcome: TurnOutcome | None = None
+        self.stop_error: PPIOAgentRuntimeError | None = None  # why it is being stopped
         self.streaming = False
         self.events: list[Any] = []
+        self.wire: bytes | None = None  # the checkpoint's encoding, once done
         self.acked = 0  # events the live reader has consumed (backpressure)
         self.readers = 0  # callers currently waiting on or reading this turn
         # Set by the actor: a callable that cancels the turn while it runs,
@@ -148,6 +159,14 @@ class Turn:
     @property
     def done(self) -> bool:
         return self.finished_at is not None
+
+    @property
+    def running(self) -> bool:
+        return self.started_at is not None and self.finished_at is None
+
+
+class IllegalTransition(RuntimeError):
+    """A session or turn was asked for a change its state does not allow (a bug)."""
 
 
 class Admission(enum.Enum):
@@ -248,10 +267,11 @@ class SessionCore:
     # -- lifecycle ----------------------------------------------------------
 
     def started(self, now: float) -> None:
-        """The sandbox is up."""
-        if self.state is SessionState.STARTING:
-            self.state = SessionState.READY
-            self.last_activity = now
+        """The sandbox is up: starting -> ready."""
+        if self.state is not SessionState.STARTING:
+            raise IllegalTransition(f"session {self.session_id}: started() while {self.state}")
+        self.state = SessionState.READY
+        self.last_activity = now
 
     @property
     def ended(self) -> bool:
@@ -313,29 +333,57 @@ class SessionCore:
     def paused(self) -> bool:
         return self.state is SessionState.PAUSED
 
-    def begin_close(self, reason: str) -> list[Turn]:
-        """Start closing; returns the turns that will never run (to be failed)."""
+    def begin_close(
+        self,
+        reason: str,
+        now: float | None = None,
+        error: type[PPIOAgentRuntimeError] = SessionNotFoundError,
+    ) -> list[Turn]:
+        """Start closing (-> closing).
+
+        The turns waiting in the mailbox will never run: they finish now with
+        ``error`` (outcome cancelled) and are returned, for their callers to
+        be woken. A running turn is asked to stop with the same error
+        (:meth:`stop`); the caller cancels it. A second call does nothing.
+        """
         if self.state in _ENDED:
             return []
         self.state = SessionState.CLOSING
         self.end_reason = reason
-        return self._drain_mailbox()
+        return self._end_turns(error(f"session {self.session_id} {reason}"), now)
 
     def closed(self) -> None:
-        if self.state is not SessionState.FAILED:
-            self.state = SessionState.CLOSED
+        """Closing (or failed) -> closed; a failed session stays failed."""
+        if self.state is SessionState.FAILED:
+            return
+        if self.state is not SessionState.CLOSING and self.state is not SessionState.CLOSED:
+            raise IllegalTransition(f"session {self.session_id}: closed() while {self.state}")
+        self.state = SessionState.CLOSED
 
-    def fail(self, reason: str) -> list[Turn]:
-        """End as failed; returns the turns that will never run."""
+    def fail(
+        self,
+        reason: str,
+        now: float | None = None,
+        error: type[PPIOAgentRuntimeError] = ServiceUnavailableError,
+    ) -> list[Turn]:
+        """End as failed (-> failed); like :meth:`begin_close` for the turns."""
         if self.state in _ENDED:
             return []
         self.state = SessionState.FAILED
         self.end_reason = reason
-        return self._drain_mailbox()
+        return self._end_turns(error(f"session {self.session_id} {reason}"), now)
 
-    def _drain_mailbox(self) -> list[Turn]:
+    def _end_turns(self, error: PPIOAgentRuntimeError, now: float | None) -> list[Turn]:
+        when = self.last_activity if now is None else now
         pending = list(self._mailbox or ())
         self._mailbox = None
+        for turn in pending:
+            turn.error = error
+            turn.outcome = TurnOutcome.CANCELLED
+            turn.finished_at = when
+            self._forget(turn)  # it never ran: a retry elsewhere must run it
+        if self.running is not None:
+            self.stop(self.running, error)
         return pending
 
     def sandbox_crashed(self, now: float) -> bool:
@@ -398,7 +446,7 @@ class SessionCore:
         return Admission.QUEUED, turn, to_cancel
 
     def next_turn(self, now: float) -> Turn | None:
-        """The turn to run now, if any (none while paused, busy or ended)."""
+        """The turn to run now, if any (none while paused, busy or ended): queued -> running."""
         if (
             self.running is not None
             or not self._mailbox
@@ -413,8 +461,59 @@ class SessionCore:
         self.state = SessionState.BUSY
         return turn
 
-    def finish(self, turn: Turn, outcome: TurnOutcome, now: float) -> None:
-        """Record the end of the running turn."""
+    def _check_running(self, turn: Turn, what: str) -> None:
+        if self.running is not turn or turn.finished_at is not None:
+            raise IllegalTransition(
+                f"session {self.session_id}: {what} for turn {turn.key!r}, which is not running"
+            )
+
+    def stream_started(self, turn: Turn) -> None:
+        """The running turn's reply is a stream (its chunks follow)."""
+        self._check_running(turn, "stream_started()")
+        turn.streaming = True
+
+    def add_chunk(self, turn: Turn, chunk: Any) -> int:
+        """One more chunk of the running stream; returns how many there are."""
+        if not turn.streaming or turn.finished_at is not None:
+            raise IllegalTransition(f"session {self.session_id}: chunk for a turn not streaming")
+        events = turn.events
+        events.append(chunk)
+        return len(events)
+
+    def stop(self, turn: Turn, error: PPIOAgentRuntimeError) -> bool:
+        """Ask the running turn to stop, failing with ``error``.
+
+        True if the caller should now cancel it (the first request wins);
+        False if it is not running or already stopping.
+        """
+        if self.running is not turn or turn.finished_at is not None or turn.stop_error:
+            return False
+        turn.stop_error = error
+        return True
+
+    def finish(
+        self,
+        turn: Turn,
+        outcome: TurnOutcome,
+        now: float,
+        *,
+        result: Any = None,
+        error: PPIOAgentRuntimeError | None = None,
+    ) -> None:
+        """Record the end of the running turn: running -> done.
+
+        A turn that was asked to :meth:`stop` and then cancelled ends with
+        the stop's error (outcome cancelled).
+        """
+        if turn.finished_at is not None or turn.started_at is None:
+            raise IllegalTransition(
+                f"session {self.session_id}: finish() of turn {turn.key!r}, which is not running"
+            )
+        if outcome is TurnOutcome.CANCELLED and error is None:
+            error = turn.stop_error
+        turn.outcome = outcome
+        turn.result = result
+        turn.error = error
         turn.finished_at = now
         if outcome is TurnOutcome.OK:
             self.turns_ok += 1
@@ -438,6 +537,7 @@ class SessionCore:
                 self._mailbox = None
             self._forget(turn)  # it never ran: a retry must run it, not replay this
             turn.error = InvocationCancelledError("the caller went away before the turn ran")
+            turn.outcome = TurnOutcome.CANCELLED
             turn.finished_at = now
             return True
         return False

@@ -18,6 +18,7 @@ from ppio_sandbox.agent_runtime.errors import (
 )
 from ppio_sandbox.orchestrator.session_core import (
     Admission,
+    IllegalTransition,
     SessionCore,
     SessionLimits,
     SessionState,
@@ -71,10 +72,11 @@ def test_a_new_session_is_starting_until_started_then_ready() -> None:
     assert core.last_activity == 7.0
 
 
-def test_started_is_ignored_unless_starting() -> None:
+def test_started_is_illegal_unless_starting() -> None:
     core = make_core(now=0.0)
     core.pause(1.0)
-    core.started(2.0)
+    with pytest.raises(IllegalTransition, match="started\\(\\) while paused"):
+        core.started(2.0)
     assert core.state is SessionState.PAUSED
     assert core.last_activity == 1.0
 
@@ -220,12 +222,45 @@ def test_an_ended_session_runs_no_turn_and_has_no_expiry(end: Any) -> None:
     assert core.expiry_reason(50_000.0) is None
 
 
-def test_a_session_closed_without_a_reason_says_closed() -> None:
+def test_closed_is_illegal_unless_closing() -> None:
     core = make_core()
+    with pytest.raises(IllegalTransition, match="closed\\(\\) while ready"):
+        core.closed()
+    assert core.state is SessionState.READY
+
+
+def test_the_turns_a_close_drops_end_with_its_error_and_the_running_one_is_asked_to_stop() -> None:
+    core = make_core()
+    running = admit(core, "a", 1.0)
+    core.next_turn(1.0)
+    queued = admit(core, "b", 1.5)
+    dropped = core.begin_close("closed by the caller", 2.0)
+    assert dropped == [queued]
+    assert queued.done and queued.outcome is TurnOutcome.CANCELLED
+    assert isinstance(queued.error, SessionNotFoundError)
+    assert str(queued.error) == "session s1 closed by the caller"
+    assert running.stop_error is not None and not running.done
+    assert not core.stop(running, SessionNotFoundError("again"))  # the first request wins
+    core.finish(running, TurnOutcome.CANCELLED, 3.0)
+    assert running.error is running.stop_error
     core.closed()
-    with pytest.raises(SessionNotFoundError) as exc_info:
-        core.check_alive()
-    assert str(exc_info.value) == "session s1 closed"
+    assert core.state is SessionState.CLOSED
+
+
+def test_finishing_a_turn_that_is_not_running_is_illegal() -> None:
+    core = make_core()
+    turn = admit(core, "a", 1.0)
+    with pytest.raises(IllegalTransition):
+        core.finish(turn, TurnOutcome.OK, 2.0)  # still queued
+    core.next_turn(2.0)
+    core.finish(turn, TurnOutcome.OK, 3.0, result={"x": 1})
+    assert turn.result == {"x": 1} and turn.outcome is TurnOutcome.OK
+    with pytest.raises(IllegalTransition):
+        core.finish(turn, TurnOutcome.OK, 4.0)  # already done
+    with pytest.raises(IllegalTransition):
+        core.stream_started(turn)
+    with pytest.raises(IllegalTransition):
+        core.add_chunk(turn, "late")
 
 
 # -- turns: one at a time, in arrival order -------------------------------------
