@@ -27,8 +27,13 @@ def sync_client(o: Running, backend: str = "asyncio", **config: object) -> SyncA
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_sync_client_invokes_streams_and_manages_sessions(served: Running, backend: str) -> None:
-    threads_before = threading.active_count()
     with sync_client(served, backend) as client:
+        # The client's own event-loop thread (counting every thread of the
+        # process would also count worker threads other tests left idle).
+        loop_thread = client._portal.call(threading.current_thread)
+        assert loop_thread is not threading.current_thread()
+        assert loop_thread.name == "ppio-sandbox-client"
+        assert loop_thread.is_alive()
         assert client.invoke_agent("echo", "hello").result["echo"] == "hello"
         assert [t.name for t in client.list_templates()] == ["echo"]
         chunks = list(client.stream_agent("echo", {"action": "stream", "count": 3}))
@@ -50,7 +55,7 @@ def test_sync_client_invokes_streams_and_manages_sessions(served: Running, backe
         runtime = client.invoke_agent_runtime("echo", b'{"prompt": "raw"}')
         assert runtime["response"]["echo"] == "raw"
         client.close_session(runtime["runtimeSessionId"])
-    assert threading.active_count() == threads_before  # the loop thread is gone
+    assert not loop_thread.is_alive()  # closing stopped the loop and joined its thread
 
 
 def test_sync_client_is_shared_by_threads(served: Running) -> None:
