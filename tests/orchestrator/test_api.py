@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from ppio_sandbox.agent_runtime.sse import iter_events
 from ppio_sandbox.orchestrator.actor import STREAM_WINDOW
-from ppio_sandbox.orchestrator.session_core import SessionLimits
+from ppio_sandbox.orchestrator.session_core import SessionCore, SessionLimits
 
 from .conftest import orchestrator
 
@@ -53,10 +54,12 @@ async def test_turns_of_one_session_run_one_at_a_time_in_arrival_order(tmp_path:
             assert r.status_code == 200, r.text
             results.append(r.json()["result"])
 
+        core = o.host.get_session("default", sid).core
         async with anyio.create_task_group() as tg:
             for i in range(8):
                 tg.start_soon(call, i)
-                await anyio.sleep(0.005)  # stagger arrivals so their order is known
+                # The next request is sent once this one is admitted: the order is known.
+                await until(lambda n=i + 1: admitted(core) == n, f"request {i} admitted")
         results.sort(key=lambda r: r["turn"])
         assert [r["echo"] for r in results] == list(range(8))
         for earlier, later in itertools.pairwise(results):
@@ -66,11 +69,21 @@ async def test_turns_of_one_session_run_one_at_a_time_in_arrival_order(tmp_path:
 async def test_different_sessions_run_in_parallel(tmp_path: Path) -> None:
     async with orchestrator(tmp_path) as o:
         sids = [await o.session() for _ in range(5)]
-        started = time.monotonic()
+        cores = [o.host.get_session("default", sid).core for sid in sids]
+        statuses: list[int] = []
+
+        async def long_turn(sid: str) -> None:
+            statuses.append((await o.invoke(sid, {"action": "sleep", "seconds": 5})).status_code)
+
         async with anyio.create_task_group() as tg:
             for sid in sids:
-                tg.start_soon(o.invoke, sid, {"action": "sleep", "seconds": 0.3})
-        assert time.monotonic() - started < 1.2
+                tg.start_soon(long_turn, sid)
+            # All five run at once: none waits for another session's turn.
+            await until(lambda: all(c.running is not None for c in cores), "five turns at once")
+            for sid in sids:  # then cut them short
+                r = await o.invoke(sid, {}, **{"X-PPIO-Strategy": "interrupt"})
+                assert r.status_code == 200
+        assert statuses == [409] * 5  # interrupted
 
 
 async def test_streaming_invocation_and_resume_from_last_event_id(tmp_path: Path) -> None:
@@ -106,11 +119,14 @@ async def test_reject_strategy_answers_409_when_busy(tmp_path: Path) -> None:
     async with orchestrator(tmp_path) as o:
         sid = await o.session()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(o.invoke, sid, {"action": "sleep", "seconds": 0.5})
+            # A turn longer than any check takes (cut short below), not a short think time.
+            tg.start_soon(o.invoke, sid, {"action": "sleep", "seconds": 5})
             await _wait_state(o, sid, "busy")
             r = await o.invoke(sid, {}, **{"X-PPIO-Strategy": "reject"})
             assert r.status_code == 409
             assert r.json()["error"]["type"] == "SessionBusyError"
+            cut = await o.invoke(sid, {}, **{"X-PPIO-Strategy": "interrupt"})
+            assert cut.status_code == 200
         idle = await o.invoke(sid, {}, **{"X-PPIO-Strategy": "reject"})
         assert idle.status_code == 200
 
@@ -141,18 +157,20 @@ async def test_full_mailbox_answers_429_with_retry_after(tmp_path: Path) -> None
     limits = SessionLimits(mailbox_size=2)
     async with orchestrator(tmp_path, limits=limits) as o:
         sid = await o.session()
+        core = o.host.get_session("default", sid).core
         async with anyio.create_task_group() as tg:
-            tg.start_soon(o.invoke, sid, {"action": "sleep", "seconds": 0.5})
+            # A turn longer than any check takes (the session is closed below).
+            tg.start_soon(o.invoke, sid, {"action": "sleep", "seconds": 5})
             await _wait_state(o, sid, "busy")
             tg.start_soon(o.invoke, sid, {})
             tg.start_soon(o.invoke, sid, {})
-            with anyio.fail_after(5):
-                while o.host.get_session("default", sid).core.queued < 2:
-                    await anyio.sleep(0.01)
+            await until(lambda: core.queued == 2, "two queued turns")
             r = await o.invoke(sid, {})
             assert r.status_code == 429
             assert r.json()["error"]["type"] == "TooManyRequestsError"
             assert int(r.headers["retry-after"]) >= 1
+            closed = await o.client.delete(f"/v1/sessions/{sid}")  # ends every turn
+            assert closed.status_code == 200
 
 
 async def test_idempotency_replay_join_and_conflict(tmp_path: Path) -> None:
@@ -365,6 +383,20 @@ async def test_stream_reader_disconnect_cancels_the_turn(tmp_path: Path) -> None
         started = time.monotonic()
         assert (await o.client.get("/ping")).status_code == 200
         assert time.monotonic() - started < 1
+
+
+async def until(predicate: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    """Poll ``predicate`` (orchestrator state, in this process) until it holds."""
+    with anyio.move_on_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.002)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def admitted(core: SessionCore) -> int:
+    """Turns the session has admitted: finished, running or queued."""
+    return core.turns_ok + core.turns_failed + (core.running is not None) + core.queued
 
 
 async def _wait_state(o: Any, sid: str, state: str) -> None:
