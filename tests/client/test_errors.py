@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -19,9 +20,27 @@ from ppio_sandbox.client import (
 )
 from ppio_sandbox.orchestrator.session_core import SessionLimits
 
-from .conftest import client_for, orchestrator
+from .conftest import Running, client_for, orchestrator
 
 pytestmark = pytest.mark.anyio
+
+LONG_TURN = {"action": "sleep", "seconds": 5}
+"""Longer than any check made while it runs; tests cut it short rather than wait for it."""
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll ``predicate`` (orchestrator state, in this process) until it holds."""
+    with anyio.move_on_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.002)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def turn_running(o: Running, session_id: str) -> Callable[[], bool]:
+    """Whether the orchestrator has started a turn of the session."""
+    core = o.host.get_session("default", session_id).core
+    return lambda: core.running is not None
 
 
 async def test_a_closed_session_answers_session_not_found(tmp_path: Path) -> None:
@@ -64,13 +83,23 @@ async def test_an_agent_that_raises_is_an_invocation_error(tmp_path: Path) -> No
 async def test_reject_strategy_raises_session_busy(tmp_path: Path) -> None:
     async with orchestrator(tmp_path) as o, client_for(o) as client:
         session = await client.create_session("echo")
+        cut_off: list[BaseException] = []
+
+        async def long_turn() -> None:
+            try:
+                await session.invoke(LONG_TURN)
+            except InvocationCancelledError as exc:
+                cut_off.append(exc)
+
         async with anyio.create_task_group() as tg:
-            tg.start_soon(session.invoke, {"action": "sleep", "seconds": 0.3})
-            await anyio.sleep(0.1)
+            tg.start_soon(long_turn)
+            await until(turn_running(o, session.session_id), "the long turn to start")
             with pytest.raises(SessionBusyError):
                 await session.invoke("now", strategy="reject")
             with pytest.raises(ValidationError, match="unknown strategy"):
                 await session.invoke("now", strategy="sideways")  # type: ignore[call-overload]
+            await session.invoke("cut it short", strategy="interrupt")
+        assert len(cut_off) == 1
         assert (await session.invoke("after", strategy="reject")).result["echo"] == "after"
         await session.close()
 
@@ -82,13 +111,14 @@ async def test_interrupt_strategy_cancels_the_running_turn(tmp_path: Path) -> No
 
         async def long_turn() -> None:
             try:
-                await session.invoke({"action": "sleep", "seconds": 5})
+                await session.invoke(LONG_TURN)
             except InvocationCancelledError as exc:
                 outcome.append(exc)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(long_turn)
-            await anyio.sleep(0.1)
+            # Running, not only queued: an interrupt would otherwise just go first.
+            await until(turn_running(o, session.session_id), "the long turn to start")
             reply = await session.invoke("urgent", strategy="interrupt")
         assert reply.result["echo"] == "urgent"
         assert len(outcome) == 1
@@ -112,12 +142,14 @@ async def test_a_full_mailbox_raises_too_many_requests_with_retry_after(tmp_path
     limits = SessionLimits(mailbox_size=1)
     async with orchestrator(tmp_path, limits=limits) as o, client_for(o, max_retries=0) as client:
         session = await client.create_session("echo")
+        core = o.host.get_session("default", session.session_id).core
         async with anyio.create_task_group() as tg:
-            tg.start_soon(session.invoke, {"action": "sleep", "seconds": 0.3})
-            await anyio.sleep(0.05)
+            tg.start_soon(session.invoke, LONG_TURN)
+            await until(turn_running(o, session.session_id), "the long turn to start")
             tg.start_soon(session.invoke, "queued")
-            await anyio.sleep(0.05)
+            await until(lambda: core.queued == 1, "a queued turn")
             with pytest.raises(TooManyRequestsError) as caught:
                 await session.invoke("one too many")
+            tg.cancel_scope.cancel()  # both callers give up
         assert caught.value.retry_after >= 1
-        await session.close()
+        await session.close()  # which ends the long turn
