@@ -369,12 +369,12 @@ async def test_warm_pool_hands_out_started_processes_and_refills(work_root: Path
         pids |= {sb.pid for sb in pooled if sb.pid is not None}
         await wait_for(lambda: _all_answer_ping(provider.pooled), timeout=10)
 
-        begun = time.monotonic()
         sandbox = await provider.create("s-warm")
-        took = time.monotonic() - begun
         try:
+            # The oldest pooled process, which answered /ping before create():
+            # no cold start was waited for (whatever the machine's speed).
+            assert sandbox is pooled[0]
             assert sandbox.describe()["pid"] in pids
-            assert took < 0.5, f"create() from the warm pool took {took:.3f} s"
             assert sandbox.describe()["session_id"] == "s-warm"
             answer = await sandbox.invoke(call({"op": "echo"}, session_id="s-warm"))
             assert answer["session_id"] == "s-warm"
