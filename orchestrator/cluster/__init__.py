@@ -1,0 +1,1 @@
+"""The orchestrator as a cluster: nodes coordinated through etcd (see ``_etcd``)."""
