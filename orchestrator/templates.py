@@ -102,6 +102,8 @@ __all__ = [
 Phase = Literal["pending", "building", "deployed", "failed"]
 _PHASES = frozenset(get_args(Phase))
 _BUILD_LOG_BYTES = 4096
+#: Uploads unpacked, parsed and hashed at once; the rest wait their turn.
+MAX_CONCURRENT_UPLOADS = 2
 
 
 class Template(msgspec.Struct, frozen=True, kw_only=True):
@@ -166,6 +168,10 @@ class TemplateStore:
 
     Every method is async and runs its blocking work (sqlite3, files, tar) in
     a worker thread; one connection, guarded by a lock, serves them all.
+    Uploads (unpacking, parsing, hashing: the heavy part) run on threads of
+    their own, at most :data:`MAX_CONCURRENT_UPLOADS` at a time, so a flood
+    of them neither blocks the event loop nor takes the shared thread pool
+    that every other store call (and the rest of the server) waits on.
 
     >>> async def deploy(data_dir: Path, agent_dir: Path) -> Template:  # doctest: +SKIP
     ...     async with TemplateStore(data_dir) as store:
@@ -189,6 +195,7 @@ class TemplateStore:
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._last_time = 0.0
+        self._uploads = anyio.CapacityLimiter(MAX_CONCURRENT_UPLOADS)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -199,6 +206,9 @@ class TemplateStore:
 
     async def _run(self, func: Callable[..., _T], *args: Any) -> _T:
         return await anyio.to_thread.run_sync(functools.partial(func, *args))
+
+    async def _run_upload(self, func: Callable[..., _T], *args: Any) -> _T:
+        return await anyio.to_thread.run_sync(functools.partial(func, *args), limiter=self._uploads)
 
     async def open(self) -> None:
         """Open (creating if needed) the database and recover from a crash."""
@@ -216,11 +226,11 @@ class TemplateStore:
         record (a ``failed`` one goes back to ``pending``, so it is retried).
         Raises ``ValidationError`` for an unsafe archive or a bad spec.
         """
-        return await self._run(self._put_sync, data, tenant)
+        return await self._run_upload(self._put_sync, data, tenant)
 
     async def register_directory(self, path: Path, tenant: str) -> Template:
         """Pack an agent directory and store it exactly as an upload would be."""
-        data = await self._run(pack_directory, Path(path))
+        data = await self._run_upload(pack_directory, Path(path))
         return await self.put_archive(data, tenant)
 
     async def set_phase(
