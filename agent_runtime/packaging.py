@@ -11,6 +11,15 @@ back after every deploy, and deploy output must not change the content.
 :func:`content_hash` hashes the *uncompressed* tar stream, so the digest does
 not depend on the gzip level or zlib build either.
 
+Every parse of a ``.ppio-agent.yaml`` goes through :func:`load_agent_yaml`,
+which treats the text as hostile: at most :data:`MAX_AGENT_FILE_BYTES`, no
+anchors or aliases (a "billion laughs" document of a few hundred bytes
+would otherwise expand to a tree of billions of nodes, and comparing or
+printing it holds the GIL for seconds), at most :data:`MAX_YAML_DEPTH`
+levels of nesting (deeper ones would exhaust the recursion limit) and at
+most :data:`MAX_YAML_NODES` values (pure-Python YAML costs ~50 us a value),
+all refused while composing, before anything is built.
+
 Not imported by :mod:`ppio_sandbox.agent_runtime` itself: agents never load it.
 """
 
@@ -25,19 +34,144 @@ import stat
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from .errors import ValidationError
 
-__all__ = ["AGENT_FILE", "SKIPPED_NAMES", "content_hash", "pack_directory"]
+__all__ = [
+    "AGENT_FILE",
+    "MAX_AGENT_FILE_BYTES",
+    "MAX_PATH_DEPTH",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
+    "SKIPPED_NAMES",
+    "content_hash",
+    "load_agent_yaml",
+    "pack_directory",
+]
 
 AGENT_FILE = ".ppio-agent.yaml"
+#: The largest ``.ppio-agent.yaml`` accepted.
+MAX_AGENT_FILE_BYTES = 256 * 1024
+#: The deepest nesting of YAML collections accepted in it.
+MAX_YAML_DEPTH = 32
+#: The most YAML values (scalars and collections) accepted in it.
+MAX_YAML_NODES = 10_000
+_MAX_INT_DIGITS = 100
+#: The most directory levels a template path may have.
+MAX_PATH_DEPTH = 64
 #: Names never packed nor unpacked, at any depth (plus any ``*.pyc`` file).
 SKIPPED_NAMES = frozenset(
     {".git", "__pycache__", ".venv", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 )
 _GZIP_MAGIC = b"\x1f\x8b"
+_MAX_LINKS = 40  # Linux's MAXSYMLINKS
+_MAX_RESOLVE_STEPS = 1024
+_SYMLINK_LOOP = f"symlink loop (or a chain of more than {_MAX_LINKS} links)"
+
+
+class _AgentYAMLLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses anchors, aliases and deep nesting as it composes.
+
+    Each check runs on the parser's next event, before the node is built, so
+    a hostile document costs no more than reading it.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = self._nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        mark: Any = event.start_mark
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&name, *name) are not allowed", mark
+            )
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"more than {MAX_YAML_NODES} values", mark
+            )
+        if not isinstance(event, yaml.CollectionStartEvent):
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        # A scalar that matches a type's pattern may still not convert:
+        # 2025-13-45 as a date, an int of more than 4300 digits.
+        try:
+            data = super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read the value ({exc})", node.start_mark
+            ) from None
+        if isinstance(data, str):
+            try:
+                data.encode("utf-8")
+            except UnicodeEncodeError:  # "\udcff": no JSON or database takes it
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a string holds a lone surrogate (\\ud800-\\udfff)", node.start_mark
+                ) from None
+        return data
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        # int() of thousands of digits is slow and past 4300 refused; no field needs 100.
+        if len(node.value) > _MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"an integer of more than {_MAX_INT_DIGITS} digits; quote it if it is text",
+                node.start_mark,
+            )
+        return super().construct_yaml_int(node)
+
+
+_AgentYAMLLoader.add_constructor("tag:yaml.org,2002:int", _AgentYAMLLoader.construct_yaml_int)
+
+
+def load_agent_yaml(text: str) -> Any:
+    """The data of a ``.ppio-agent.yaml``'s text, parsed safely (see the module's doc).
+
+    Raises ``ValidationError`` (``.ppio-agent.yaml: not valid YAML: ... at
+    line N``) for text that is not one YAML document, is larger than
+    :data:`MAX_AGENT_FILE_BYTES`, or uses tags, anchors, aliases or nesting
+    this format does not allow.
+
+    >>> load_agent_yaml("a: [1, {b: c}]")
+    {'a': [1, {'b': 'c'}]}
+    >>> try:
+    ...     load_agent_yaml("a: &x [1]")
+    ... except ValidationError as exc:
+    ...     print(exc.message)
+    .ppio-agent.yaml: not valid YAML: anchors and aliases (&name, *name) are not allowed at line 1
+    """
+    too_big = len(text) > MAX_AGENT_FILE_BYTES  # then no need to encode it to know
+    if too_big or len(text.encode("utf-8", "replace")) > MAX_AGENT_FILE_BYTES:
+        raise ValidationError(f"{AGENT_FILE}: larger than {MAX_AGENT_FILE_BYTES} bytes")
+    loader = _AgentYAMLLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        problem = str(exc)
+        if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+            context = exc.context if exc.context and exc.context.startswith("expected") else ""
+            problem = ", ".join(filter(None, (context, exc.problem)))
+            if exc.problem_mark is not None:
+                problem += f" at line {exc.problem_mark.line + 1}"
+        raise ValidationError(f"{AGENT_FILE}: not valid YAML: {problem}") from None
+    finally:
+        loader.dispose()
 
 
 def _skipped(parts: Sequence[str]) -> bool:
@@ -46,6 +180,48 @@ def _skipped(parts: Sequence[str]) -> bool:
 
 def _inside(root: str, path: str) -> bool:
     return path == root or path.startswith(root + os.sep)
+
+
+def _resolve(path: str) -> str | None:
+    """``os.path.realpath(path)`` for an absolute ``path``, or None for a symlink loop.
+
+    Like the kernel, it follows at most :data:`_MAX_LINKS` symlinks and
+    gives up past that (None, like a loop: ``a -> b``, ``b -> a``), and it
+    gives up after :data:`_MAX_RESOLVE_STEPS` path components too, so each
+    call costs a bounded number of ``lstat`` calls. ``os.path.realpath``
+    instead recurses once per link (a chain of thousands exhausts the
+    recursion limit) and ``Path.resolve`` raises ``RuntimeError`` on a loop.
+    A missing component is kept as written, as ``realpath`` does when not
+    strict.
+    """
+    pending = path.split("/")[::-1]  # a stack: the next component last
+    resolved, links, steps = "", 0, 0
+    while pending:
+        name = pending.pop()
+        steps += 1
+        if steps > _MAX_RESOLVE_STEPS:
+            return None
+        if name in ("", "."):
+            continue
+        if name == "..":
+            resolved = resolved.rpartition("/")[0]
+            continue
+        candidate = f"{resolved}/{name}"
+        try:
+            is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+        except OSError:
+            is_link = False
+        if not is_link:
+            resolved = candidate
+            continue
+        links += 1
+        if links > _MAX_LINKS:
+            return None
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            resolved = ""
+        pending.extend(target.split("/")[::-1])
+    return resolved or "/"
 
 
 def _link_leaves(parts: Sequence[str], link: str) -> bool:
@@ -68,8 +244,9 @@ def _without_status(data: bytes) -> bytes:
     if stripped == data:
         return data
     try:  # keep the original unless the textual cut removed exactly `status`
-        before, after = yaml.safe_load(data), yaml.safe_load(stripped)
-    except yaml.YAMLError:
+        before = load_agent_yaml(data.decode("utf-8"))
+        after = load_agent_yaml(stripped.decode("utf-8"))
+    except (ValidationError, UnicodeDecodeError):
         return data
     if isinstance(before, dict) and {k: v for k, v in before.items() if k != "status"} == after:
         return stripped
@@ -99,8 +276,16 @@ def pack_directory(path: Path) -> bytes:
         dirnames[:] = [d for d in dirnames if d not in SKIPPED_NAMES]
         for name in (*dirnames, *filenames):
             rel = name if rel_base == "." else f"{rel_base}/{name}"
-            if not _skipped(rel.split("/")):
-                entries.append((rel, base / name))
+            parts = rel.split("/")
+            if _skipped(parts):
+                continue
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValidationError(f"{rel!r}: the file name is not valid UTF-8") from None
+            if len(parts) > MAX_PATH_DEPTH:  # checked before os.walk goes deeper
+                raise ValidationError(f"{rel}: more than {MAX_PATH_DEPTH} directory levels deep")
+            entries.append((rel, base / name))
     entries.sort()
 
     buf = io.BytesIO()
@@ -111,8 +296,10 @@ def pack_directory(path: Path) -> bytes:
             mode = full.lstat().st_mode
             if stat.S_ISLNK(mode):
                 target = os.readlink(full)
-                escapes = _link_leaves(rel.split("/"), target)
-                if escapes or not _inside(real_root, os.path.realpath(full)):
+                where = _resolve(os.path.join(real_root, rel))
+                if where is None:
+                    raise ValidationError(f"{rel}: {_SYMLINK_LOOP}")
+                if _link_leaves(rel.split("/"), target) or not _inside(real_root, where):
                     raise ValidationError(f"{rel}: symlink to {target!r} points outside {root}")
                 info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
                 tar.addfile(info)

@@ -14,6 +14,9 @@ it stands (or appended), so the user's other keys, their order and their
 comments survive. The edit is checked by parsing the result; if the text cut
 cannot be proved right (a flow-style document, several documents...), the
 file is rewritten from its parsed content instead, which loses comments.
+Parsing goes through :func:`~ppio_sandbox.agent_runtime.packaging.load_agent_yaml`,
+the orchestrator's hardened loader (no anchors or aliases, bounded size and
+nesting), so a file the orchestrator would refuse is refused here too.
 :func:`pack_directory` leaves the ``status`` block out of the archive, so
 writing it never changes a template's content hash.
 """
@@ -27,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ppio_sandbox.agent_runtime.errors import ValidationError
+from ppio_sandbox.agent_runtime.packaging import load_agent_yaml
 
 __all__ = ["replace_status", "write_status"]
 
@@ -64,7 +70,7 @@ def replace_status(text: str, status: Mapping[str, Any]) -> tuple[str, bool]:
     status:
       phase: deployed
     """
-    before = yaml.safe_load(text) if text.strip() else {}
+    before = load_agent_yaml(text) if text.strip() else {}
     if not isinstance(before, dict):
         raise ValueError("the agent file is not a YAML mapping")
     expected = {key: value for key, value in before.items() if key != "status"}
@@ -82,8 +88,8 @@ def replace_status(text: str, status: Mapping[str, Any]) -> tuple[str, bool]:
         lines[span[0] : span[1]] = [block]
     edited = "".join(lines)
     try:
-        kept = yaml.safe_load(edited) == expected
-    except yaml.YAMLError:
+        kept = load_agent_yaml(edited) == expected
+    except ValidationError:
         kept = False
     if kept:
         return edited, True

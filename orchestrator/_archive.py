@@ -3,14 +3,16 @@
 re-exported here.
 
 :func:`unpack_archive` treats its input as hostile: no absolute paths, no
-``..``, no devices or FIFOs, links only to places inside the destination,
-nothing written through a symlink, and hard limits on the total size and the
+``..``, no devices or FIFOs, links only to places inside the destination and
+no symlink loops, nothing written through a symlink, names that are UTF-8
+and not absurdly long or deep, and hard limits on the total size and the
 number of entries that are enforced while decompressing (a gzip bomb is cut
-off, not inflated).
+off, not inflated). Every refusal is a ``ValidationError`` naming the entry.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -23,10 +25,13 @@ from typing import IO, NoReturn
 
 from ppio_sandbox.agent_runtime.errors import ValidationError
 from ppio_sandbox.agent_runtime.packaging import (
+    _SYMLINK_LOOP,
     AGENT_FILE,
+    MAX_PATH_DEPTH,
     SKIPPED_NAMES,
     _inside,
     _link_leaves,
+    _resolve,
     _skipped,
     content_hash,
     pack_directory,
@@ -49,6 +54,11 @@ _CHUNK = 1 << 16
 # Tar headers (512 B each, more with PAX records for long names) on top of the
 # file bytes: what the decompressed stream may add beyond ``max_bytes``.
 _HEADER_ALLOWANCE = 4096
+#: The longest entry name or link target (bytes), and the longest name component.
+MAX_NAME_BYTES = 1024
+_MAX_COMPONENT_BYTES = 255
+# OSErrors that a hostile entry (not the server) causes while extracting.
+_ENTRY_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR})
 
 
 class _LimitedReader:
@@ -69,14 +79,37 @@ def _reject(message: str) -> NoReturn:
     raise ValidationError(message)
 
 
+def _shown(name: str) -> str:
+    """``repr(name)``, cut short if long: error messages stay readable."""
+    return repr(name) if len(name) <= 100 else f"{name[:60]!r}...({len(name)} characters)"
+
+
+def _check_text(name: str, text: str, what: str) -> None:
+    """Refuse entry ``name`` if ``text`` (its name or link target) is not UTF-8 or too long."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # tarfile turns undecodable bytes into surrogates
+        _reject(f"archive entry {_shown(name)}: {what} is not valid UTF-8")
+    if size > MAX_NAME_BYTES:
+        _reject(f"archive entry {_shown(name)}: {what} is longer than {MAX_NAME_BYTES} bytes")
+
+
 def _member_parts(name: str) -> tuple[str, ...]:
+    _check_text(name, name, "the name")
     if "\x00" in name or "\\" in name:
-        _reject(f"archive entry {name!r}: backslashes and NUL bytes are not allowed")
+        _reject(f"archive entry {_shown(name)}: backslashes and NUL bytes are not allowed")
     path = PurePosixPath(name)
     if path.is_absolute() or (len(name) > 1 and name[1] == ":"):
-        _reject(f"archive entry {name!r}: absolute paths are not allowed")
+        _reject(f"archive entry {_shown(name)}: absolute paths are not allowed")
     if ".." in path.parts:
-        _reject(f"archive entry {name!r}: '..' would leave the destination")
+        _reject(f"archive entry {_shown(name)}: '..' would leave the destination")
+    if len(path.parts) > MAX_PATH_DEPTH:
+        _reject(f"archive entry {_shown(name)}: more than {MAX_PATH_DEPTH} directory levels deep")
+    if any(len(part.encode("utf-8")) > _MAX_COMPONENT_BYTES for part in path.parts):
+        _reject(
+            f"archive entry {_shown(name)}: a name component is longer than "
+            f"{_MAX_COMPONENT_BYTES} bytes"
+        )
     return path.parts
 
 
@@ -130,7 +163,9 @@ def unpack_archive(
                     _reject(f"archive has more than {max_files} entries")
                 extractor.extract(tar, member)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        _reject(f"archive: not a valid tar.gz ({exc})")
+        _reject(f"archive: not a valid tar.gz ({str(exc)[:200]})")
+    except (ValueError, OverflowError) as exc:  # malformed headers tarfile does not vet
+        _reject(f"archive: not a valid tar.gz ({type(exc).__name__}: {str(exc)[:200]})")
     extractor.check_symlinks()
 
 
@@ -152,18 +187,23 @@ class _Extractor:
                 _plain_dirs(self.root, parts, create=True)
             elif member.issym():
                 link = member.linkname
+                _check_text(name, link, "the link target")
+                if "\x00" in link or not link:
+                    _reject(f"archive entry {_shown(name)}: an empty or NUL link target")
                 if _link_leaves(parts, link):
-                    _reject(f"archive entry {name!r}: symlink to {link!r} points outside")
+                    _reject(
+                        f"archive entry {_shown(name)}: symlink to {_shown(link)} points outside"
+                    )
                 os.symlink(link, target)
                 self.symlinks.append((name, target))
             elif member.islnk():
                 source_parts = _member_parts(member.linkname)
                 if not source_parts:
-                    _reject(f"archive entry {name!r}: hard link to a non-file")
+                    _reject(f"archive entry {_shown(name)}: hard link to a non-file")
                 parent = _plain_dirs(self.root, source_parts[:-1], create=False)
                 source = os.path.join(parent, source_parts[-1])
                 if not stat.S_ISREG(os.lstat(source).st_mode):
-                    _reject(f"archive entry {name!r}: hard link to a non-file")
+                    _reject(f"archive entry {_shown(name)}: hard link to a non-file")
                 self._count(os.path.getsize(source))
                 _write_file(target, open(source, "rb"), os.stat(source).st_mode)  # noqa: SIM115
             elif member.isreg() and not member.issparse():
@@ -172,11 +212,20 @@ class _Extractor:
                 assert fileobj is not None  # a regular member always has a file object
                 _write_file(target, fileobj, member.mode)
             else:
-                _reject(f"archive entry {name!r}: only files, directories and links are allowed")
+                _reject(
+                    f"archive entry {_shown(name)}: only files, directories and links are allowed"
+                )
         except FileExistsError:
-            _reject(f"archive entry {name!r} appears twice")
+            _reject(f"archive entry {_shown(name)} appears twice")
         except FileNotFoundError:
-            _reject(f"archive entry {name!r}: hard link to {member.linkname!r}, not in the archive")
+            _reject(
+                f"archive entry {_shown(name)}: hard link to {_shown(member.linkname)}, "
+                "not in the archive"
+            )
+        except OSError as exc:
+            if exc.errno not in _ENTRY_ERRNOS:
+                raise  # ENOSPC, EIO...: the server's fault, not the archive's
+            _reject(f"archive entry {_shown(name)}: cannot be written ({exc.strerror})")
 
     def _count(self, size: int) -> None:
         self.total += size
@@ -184,10 +233,13 @@ class _Extractor:
             _reject(f"archive holds more than {self.max_bytes} bytes of files")
 
     def check_symlinks(self) -> None:
-        """Symlink chains can only be judged once every link exists."""
+        """Symlink chains (and loops) can only be judged once every link exists."""
         for name, link in self.symlinks:
-            if not _inside(self.root, os.path.realpath(link)):
-                _reject(f"archive entry {name!r}: symlink resolves outside the destination")
+            where = _resolve(link)
+            if where is None:
+                _reject(f"archive entry {_shown(name)}: {_SYMLINK_LOOP}")
+            if not _inside(self.root, where):
+                _reject(f"archive entry {_shown(name)}: symlink resolves outside the destination")
 
 
 def _write_file(target: str, source: IO[bytes], mode: int) -> None:

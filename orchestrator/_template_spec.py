@@ -4,22 +4,36 @@ Split from :mod:`.templates` (which re-exports every public name here): this
 module parses and validates, the other stores. Nothing here executes code
 or touches the network; every problem raises ``ValidationError`` whose
 message starts with the field's path.
+
+The text is hostile: it is parsed by
+:func:`~ppio_sandbox.agent_runtime.packaging.load_agent_yaml` (no anchors or
+aliases, bounded size and nesting), numbers must fall in sane ranges, values
+quoted in messages are cut short, and the agent file and entrypoint are
+resolved with a bounded number of symlinks (a loop is refused by name).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+import reprlib
+import stat
 from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, NoReturn
 
 import msgspec
-import yaml
 
 from ppio_sandbox.agent_runtime.errors import ValidationError
-
-from ._archive import AGENT_FILE
+from ppio_sandbox.agent_runtime.packaging import (
+    _SYMLINK_LOOP,
+    AGENT_FILE,
+    MAX_AGENT_FILE_BYTES,
+    _inside,
+    _resolve,
+    load_agent_yaml,
+)
 
 __all__ = [
     "AgentSpec",
@@ -32,12 +46,21 @@ __all__ = [
     "template_id_for",
 ]
 
-_MAX_YAML_BYTES = 256 * 1024
+_MAX_YAML_BYTES = MAX_AGENT_FILE_BYTES
+#: ``spec.runtime.timeout`` is at most a day (seconds).
+MAX_TIMEOUT = 24 * 3600.0
+#: ``spec.sandbox.warm_pool`` is at most this many processes.
+MAX_WARM_POOL = 100
+#: ``spec.runtime.memory_limit`` is at most 1 TiB.
+MAX_MEMORY = 1024**4
+#: ``spec.runtime.cpu_limit`` is at most this many cores.
+MAX_CPU = 1024.0
 _NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?")
 _ID_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTPE]i|[kKMGTPE])?\s*")
-_CPU_RE = re.compile(r"\s*(\d+(?:\.\d+)?)(m?)\s*")
+# Digits are bounded: a size of 200,000 digits must not cost a bignum conversion.
+_SIZE_RE = re.compile(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([KMGTPE]i|[kKMGTPE])?\s*")
+_CPU_RE = re.compile(r"\s*(\d{1,30}(?:\.\d{1,30})?)(m?)\s*")
 _SIZE_UNITS = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 _SIZE_UNITS |= {"E": 10**18, **{f"{u}i": 1024 ** (i + 1) for i, u in enumerate("KMGTPE")}}
 
@@ -82,6 +105,22 @@ def _fail(path: str, problem: str) -> NoReturn:
     raise ValidationError(f"{path}: {problem}", details={"field": path})
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 80, 80, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 8
+
+
+def _show(value: object) -> str:
+    """``repr(value)`` cut short: messages quote what they refuse, but not 200 KB of it."""
+    return _SHORT.repr(value)
+
+
+def _key(key: object) -> str:
+    """A mapping key as part of a field path: quoted if long, odd or not a string."""
+    plain = isinstance(key, str) and len(key) <= 64 and key.isprintable()
+    return key if plain else _show(key)  # type: ignore[return-value]
+
+
 def _kind(value: object) -> str:
     names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
     names |= {int: "an integer", float: "a number", type(None): "null"}
@@ -95,7 +134,7 @@ def _mapping(value: object, path: str, allowed: set[str]) -> dict[str, Any]:
         _fail(path, f"must be a mapping, got {_kind(value)}")
     for key in value:
         if key not in allowed:
-            field = key if path == AGENT_FILE else f"{path}.{key}"
+            field = _key(key) if path == AGENT_FILE else f"{path}.{_key(key)}"
             _fail(field, f"unknown field; expected one of {', '.join(sorted(allowed))}")
     return value
 
@@ -133,46 +172,63 @@ def parse_size(value: str | int) -> int:
     elif isinstance(value, str) and (match := _SIZE_RE.fullmatch(value)):
         size = math.ceil(Decimal(match[1]) * _SIZE_UNITS.get(match[2] or "", 1))
     else:
-        raise ValueError(f"{value!r} is not a size")
+        raise ValueError(f"{_show(value)} is not a size")
     if size <= 0:
-        raise ValueError(f"{value!r} is not a positive size")
+        raise ValueError(f"{_show(value)} is not a positive size")
     return size
 
 
 def parse_cpu(value: str | float) -> float:
     """Cores from ``"1"``, ``0.5``, ``2`` or ``"500m"`` (millicores); ``ValueError`` if not."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        cores = float(value)
-    elif isinstance(value, str) and (match := _CPU_RE.fullmatch(value)):
-        cores = float(match[1]) / (1000 if match[2] else 1)
-    else:
-        raise ValueError(f"{value!r} is not a CPU amount")
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            cores = float(value)
+        elif isinstance(value, str) and (match := _CPU_RE.fullmatch(value)):
+            cores = float(match[1]) / (1000 if match[2] else 1)
+        else:
+            raise ValueError(f"{_show(value)} is not a CPU amount")
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"{_show(value)} is not a finite CPU amount") from None
     if not (math.isfinite(cores) and cores > 0):
-        raise ValueError(f"{value!r} is not a positive CPU amount")
+        raise ValueError(f"{_show(value)} is not a positive CPU amount")
     return cores
 
 
 def _runtime(raw: object) -> RuntimeSpec:
     fields = _mapping(raw, "spec.runtime", {"timeout", "memory_limit", "cpu_limit"})
     timeout = fields.get("timeout", 300.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < 1e9:
-        _fail("spec.runtime.timeout", f"must be a number of seconds above 0, got {timeout!r}")
+    # `not a < t <= b` is also true for NaN; an int too big for a float compares fine.
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAX_TIMEOUT
+    ):
+        _fail(
+            "spec.runtime.timeout",
+            f"must be a number of seconds above 0 and at most {MAX_TIMEOUT:.0f} (a day), "
+            f"got {_show(timeout)}",
+        )
     memory = cpu = None
     if (raw_memory := fields.get("memory_limit")) is not None:
         try:
             memory = parse_size(raw_memory)
         except ValueError:
             _fail(
-                "spec.runtime.memory_limit", f"{raw_memory!r} is not a size; use e.g. 512Mi or 1Gi"
+                "spec.runtime.memory_limit",
+                f"{_show(raw_memory)} is not a size; use e.g. 512Mi or 1Gi",
             )
+        if memory > MAX_MEMORY:
+            _fail("spec.runtime.memory_limit", f"{_show(raw_memory)} is more than 1Ti")
     if (raw_cpu := fields.get("cpu_limit")) is not None:
         try:
             cpu = parse_cpu(raw_cpu)
         except ValueError:
             _fail(
                 "spec.runtime.cpu_limit",
-                f'{raw_cpu!r} is not a CPU amount; use e.g. "1", 0.5 or "500m"',
+                f'{_show(raw_cpu)} is not a CPU amount; use e.g. "1", 0.5 or "500m"',
             )
+        if cpu > MAX_CPU:
+            _fail("spec.runtime.cpu_limit", f"{_show(raw_cpu)} is more than {MAX_CPU:.0f} cores")
     return RuntimeSpec(timeout=float(timeout), memory_limit=memory, cpu_limit=cpu)
 
 
@@ -180,7 +236,7 @@ def _sandbox(raw: object) -> SandboxSpec:
     fields = _mapping(raw, "spec.sandbox", {"kind", "command", "warm_pool", "env", "template_id"})
     kind = fields.get("kind", "inprocess")
     if kind not in ("inprocess", "process"):
-        _fail("spec.sandbox.kind", f"must be 'inprocess' or 'process', got {kind!r}")
+        _fail("spec.sandbox.kind", f"must be 'inprocess' or 'process', got {_show(kind)}")
     for key in ("command", "warm_pool", "env"):
         if kind == "inprocess" and fields.get(key) not in (None, 0, {}):
             _fail(
@@ -193,17 +249,24 @@ def _sandbox(raw: object) -> SandboxSpec:
         or not command
         or not all(isinstance(arg, str) and arg and "\x00" not in arg for arg in command)
     ):
-        _fail("spec.sandbox.command", f"must be a non-empty list of strings, got {command!r}")
+        _fail("spec.sandbox.command", f"must be a non-empty list of strings, got {_show(command)}")
     warm_pool = fields.get("warm_pool", 0)
-    if isinstance(warm_pool, bool) or not isinstance(warm_pool, int) or not 0 <= warm_pool <= 100:
-        _fail("spec.sandbox.warm_pool", f"must be an integer from 0 to 100, got {warm_pool!r}")
+    if (
+        isinstance(warm_pool, bool)
+        or not isinstance(warm_pool, int)
+        or not 0 <= warm_pool <= MAX_WARM_POOL
+    ):
+        _fail(
+            "spec.sandbox.warm_pool",
+            f"must be an integer from 0 to {MAX_WARM_POOL}, got {_show(warm_pool)}",
+        )
     raw_env = fields.get("env") or {}
     if not isinstance(raw_env, dict):
         _fail("spec.sandbox.env", f"must be a mapping, got {_kind(raw_env)}")
     env: dict[str, str] = {}
     for key, value in raw_env.items():
         if not isinstance(key, str) or not _ENV_NAME_RE.fullmatch(key):
-            _fail(f"spec.sandbox.env.{key}", "is not a valid environment variable name")
+            _fail(f"spec.sandbox.env.{_key(key)}", "is not a valid environment variable name")
         env[key] = _text(value, f"spec.sandbox.env.{key}", max_len=32768)
     template_id = fields.get("template_id")
     if template_id is not None:
@@ -231,23 +294,14 @@ def parse_agent_yaml(text: str) -> AgentSpec:
     >>> spec.name, spec.runtime.memory_limit
     ('echo', 1073741824)
     """
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        problem = str(exc)
-        if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
-            context = exc.context if exc.context and exc.context.startswith("expected") else ""
-            problem = ", ".join(filter(None, (context, exc.problem)))
-            if exc.problem_mark is not None:
-                problem += f" at line {exc.problem_mark.line + 1}"
-        raise ValidationError(f"{AGENT_FILE}: not valid YAML: {problem}") from None
+    doc = load_agent_yaml(text)
     top = _mapping(doc, AGENT_FILE, {"apiVersion", "kind", "metadata", "spec", "status"})
     if not top:
         _fail(AGENT_FILE, "empty; expected apiVersion, kind, metadata and spec")
     if (api_version := top.get("apiVersion")) != "v1":
-        _fail("apiVersion", f"must be 'v1', got {api_version!r}")
+        _fail("apiVersion", f"must be 'v1', got {_show(api_version)}")
     if (kind := top.get("kind")) != "Agent":
-        _fail("kind", f"must be 'Agent', got {kind!r}")
+        _fail("kind", f"must be 'Agent', got {_show(kind)}")
     allowed_meta = {"name", "version", "author", "description", "created"}
     meta = _mapping(top.get("metadata"), "metadata", allowed_meta)
     spec = _mapping(top.get("spec"), "spec", {"entrypoint", "runtime", "sandbox", "envVars"})
@@ -266,23 +320,48 @@ def parse_agent_yaml(text: str) -> AgentSpec:
     )
 
 
-def load_agent_spec(directory: Path) -> AgentSpec:
-    """Read and validate ``directory/.ppio-agent.yaml``; the entrypoint must be a file inside."""
-    root = Path(directory)
+def _read_agent_file(real_root: str) -> bytes:
+    """The agent file's bytes: a regular file (or a symlink to one) inside the directory."""
+    where = _resolve(os.path.join(real_root, AGENT_FILE))
+    if where is None:
+        _fail(AGENT_FILE, _SYMLINK_LOOP)
+    if not _inside(real_root, where):
+        _fail(AGENT_FILE, "a symlink that resolves outside the agent directory")
     try:
-        raw = (root / AGENT_FILE).read_bytes()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        info = os.stat(where)
+    except (FileNotFoundError, NotADirectoryError):
         _fail(AGENT_FILE, "not found at the top of the agent directory")
+    except OSError as exc:
+        _fail(AGENT_FILE, f"cannot be read ({exc.strerror})")
+    if not stat.S_ISREG(info.st_mode):  # a directory, or a FIFO that would block the read
+        _fail(AGENT_FILE, "not a regular file")
+    if info.st_size > _MAX_YAML_BYTES:
+        _fail(AGENT_FILE, f"larger than {_MAX_YAML_BYTES} bytes")
+    with open(where, "rb") as file:
+        raw = file.read(_MAX_YAML_BYTES + 1)
     if len(raw) > _MAX_YAML_BYTES:
         _fail(AGENT_FILE, f"larger than {_MAX_YAML_BYTES} bytes")
+    return raw
+
+
+def load_agent_spec(directory: Path) -> AgentSpec:
+    """Read and validate ``directory/.ppio-agent.yaml``; the entrypoint must be a file inside.
+
+    Symlinks are followed (at most 40 in a chain) but must stay inside the
+    directory; a loop is a ``ValidationError`` naming the file.
+    """
+    real_root = os.path.realpath(Path(directory))
+    raw = _read_agent_file(real_root)
     try:
         spec = parse_agent_yaml(raw.decode("utf-8"))
     except UnicodeDecodeError:
         _fail(AGENT_FILE, "not UTF-8 text")
-    entry = root / spec.entrypoint
-    if not entry.resolve().is_relative_to(root.resolve()):
+    entry = _resolve(os.path.join(real_root, spec.entrypoint))
+    if entry is None:
+        _fail("spec.entrypoint", f"{spec.entrypoint!r} is a {_SYMLINK_LOOP}")
+    if not _inside(real_root, entry):
         _fail("spec.entrypoint", f"{spec.entrypoint!r} resolves outside the agent directory")
-    if not entry.is_file():
+    if not os.path.isfile(entry):
         _fail("spec.entrypoint", f"{spec.entrypoint!r} is not a file in the agent directory")
     return spec
 
