@@ -17,6 +17,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from ._handlers import describe_failure, is_cancellation
 from .context import RequestContext, next_request_id
 from .errors import (
     InvocationError,
@@ -165,7 +166,9 @@ class RuntimeASGI:
                         result = await self._await_unless_gone(result, receive, scope_, gone)
                 except PPIOAgentRuntimeError as exc:
                     failure = exc
-                except Exception as exc:
+                except BaseException as exc:  # sys.exit() too: only this request fails
+                    if is_cancellation(exc):
+                        raise
                     failure = self._agent_failure(exc, request_id, session_id)
             if gone:
                 logger.info(
@@ -287,16 +290,16 @@ class RuntimeASGI:
         )
 
     def _agent_failure(
-        self, exc: Exception, request_id: str, session_id: str | None
+        self, exc: BaseException, request_id: str, session_id: str | None
     ) -> InvocationError:
+        message = describe_failure(exc)
         logger.error(
-            "agent raised %s: %s",
-            type(exc).__name__,
-            exc,
+            "agent failed: %s",
+            message,
             exc_info=exc,
             extra={"request_id": request_id, "session_id": session_id},
         )
-        err = InvocationError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        err = InvocationError(message)
         if self.app.config.debug:
             err.details["traceback"] = "".join(traceback.format_exception(exc))
         return err
@@ -347,7 +350,9 @@ class RuntimeASGI:
                             await anyio.lowlevel.checkpoint()
                     except PPIOAgentRuntimeError as exc:
                         failure = exc
-                    except Exception as exc:
+                    except BaseException as exc:
+                        if is_cancellation(exc):
+                            raise
                         failure = self._agent_failure(exc, ctx.request_id, ctx.session_id)
                 if budget.cancelled_caught:
                     failure = InvocationTimeoutError(f"invocation exceeded {self.timeout:g} s")

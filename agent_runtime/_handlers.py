@@ -15,12 +15,70 @@ import anyio
 import anyio.to_thread
 
 from .context import RequestContext
+from .errors import InvocationError
 from .protocol import InvocationRequest
 
-__all__ = ["Entrypoint", "Middleware", "NextHandler", "build_chain", "iterate_in_thread"]
+__all__ = [
+    "Entrypoint",
+    "Middleware",
+    "NextHandler",
+    "build_chain",
+    "describe_failure",
+    "in_thread",
+    "is_cancellation",
+    "iterate_in_thread",
+]
 
 NextHandler = Callable[[InvocationRequest], Awaitable[Any]]
 _DONE = object()
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is the running event loop's cancellation (or a group holding one).
+
+    Everything else an agent raises -- ``SystemExit`` from ``sys.exit()``,
+    ``KeyboardInterrupt``, ``GeneratorExit`` -- fails only its own turn:
+    an agent cannot stop the server it runs in. Cancellation must propagate.
+    """
+    cancelled = anyio.get_cancelled_exc_class()
+    if isinstance(exc, cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(lambda e: isinstance(e, cancelled)) is not None
+    return False
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What the agent did, for an ``InvocationError`` message.
+
+    >>> describe_failure(SystemExit(3))
+    'the agent called sys.exit(3)'
+    >>> describe_failure(ValueError("bad input"))
+    'ValueError: bad input'
+    """
+    if isinstance(exc, SystemExit):
+        code = "" if exc.code is None else repr(exc.code)
+        return f"the agent called sys.exit({code})"
+    if isinstance(exc, BaseExceptionGroup):
+        inner = "; ".join(describe_failure(e) for e in exc.exceptions)
+        return f"{type(exc).__name__}: {exc.message} ({inner})"
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if isinstance(exc, Exception) else f"the agent raised {text}"
+
+
+def in_thread(func: Callable[..., Any], *args: Any) -> Any:
+    """Call agent code in a worker thread (``anyio.to_thread.run_sync(in_thread, f, ...)``).
+
+    A ``GeneratorExit`` it raises comes back as an ``InvocationError``:
+    asyncio hands a thread's exception to the waiting task by *throwing* it
+    into the task's coroutine, and a thrown ``GeneratorExit`` closes every
+    coroutine of the task instead of propagating -- no handler could keep
+    the server alive. Every other exception crosses unchanged.
+    """
+    try:
+        return func(*args)
+    except GeneratorExit as exc:
+        raise InvocationError(describe_failure(exc)) from exc
 
 
 def _positional_arity(func: Callable[..., Any]) -> int:
@@ -54,7 +112,7 @@ async def iterate_in_thread(gen: Iterator[Any]) -> AsyncIterator[Any]:
     """
     try:
         while True:
-            item = await anyio.to_thread.run_sync(next, gen, _DONE)
+            item = await anyio.to_thread.run_sync(in_thread, next, gen, _DONE)
             if item is _DONE:
                 return
             yield item
@@ -62,7 +120,7 @@ async def iterate_in_thread(gen: Iterator[Any]) -> AsyncIterator[Any]:
         close = getattr(gen, "close", None)
         if close is not None:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(close)
+                await anyio.to_thread.run_sync(in_thread, close)
 
 
 def as_stream(value: Any) -> AsyncIterator[Any] | None:
@@ -189,7 +247,7 @@ class Entrypoint:
         )
         # A thread cannot be cancelled: on timeout the caller gets its answer
         # at once and the thread's result is dropped when it finishes.
-        result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        result = await anyio.to_thread.run_sync(in_thread, call, abandon_on_cancel=True)
         return as_stream(result) or result
 
 
@@ -203,10 +261,10 @@ def _as_async(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     if inspect.iscoroutinefunction(target):
         return func
 
-    async def in_thread(*args: Any) -> Any:
-        return await anyio.to_thread.run_sync(functools.partial(func, *args))
+    async def run_in_thread(*args: Any) -> Any:
+        return await anyio.to_thread.run_sync(in_thread, func, *args)
 
-    return in_thread
+    return run_in_thread
 
 
 class Middleware:

@@ -13,7 +13,14 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from ._handlers import Entrypoint, Middleware, build_chain
+from ._handlers import (
+    Entrypoint,
+    Middleware,
+    build_chain,
+    describe_failure,
+    in_thread,
+    is_cancellation,
+)
 from .config import AgentConfig
 from .context import RequestContext, SessionStateStore
 from .errors import ServiceUnavailableError
@@ -78,10 +85,10 @@ class PPIOAgentRuntimeApp:
             self._ping_handler = func
         else:
 
-            async def in_thread() -> Any:
-                return await anyio.to_thread.run_sync(func)
+            async def ping_in_thread() -> Any:
+                return await anyio.to_thread.run_sync(in_thread, func)
 
-            self._ping_handler = in_thread
+            self._ping_handler = ping_in_thread
         return func
 
     def middleware(self, func: F) -> F:
@@ -204,9 +211,14 @@ class PPIOAgentRuntimeApp:
         if self._ping_handler is not None:
             try:
                 answer = await self._ping_handler()
-            except Exception:
+            except BaseException as exc:
+                # Even sys.exit() in the handler: /ping answers, the server goes on.
+                if is_cancellation(exc):
+                    raise
                 logger.warning(
-                    "custom ping handler failed; reporting automatic status", exc_info=True
+                    "custom ping handler failed (%s); reporting automatic status",
+                    describe_failure(exc),
+                    exc_info=exc,
                 )
                 answer = None
             custom, extra = _parse_ping_answer(answer)

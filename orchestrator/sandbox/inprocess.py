@@ -1,14 +1,21 @@
 """In-process sandboxes: the agent's app called directly, no HTTP hop.
 
-The template's agent file is imported once per orchestrator, under a module
-name of its own (``ppio_template_<id>``), and every session of the template
-calls its entrypoint with a ``context.state`` dict of its own. An exception
-fails only that turn. There is no process to stop: ``pause`` holds the
-session's mailbox (the actor starts no turn), and a running turn finishes.
+The template's agent file is imported once per orchestrator, as a module of
+a package of its own (``ppio_tpl_<id>_<digest>``, see
+:func:`~ppio_sandbox.agent_runtime.loader.load_isolated`): two templates, or
+two versions of one, never share their modules. Every session of the
+template calls its entrypoint with a ``context.state`` dict of its own.
+Whatever the agent raises fails only that turn -- ``sys.exit()``,
+``KeyboardInterrupt`` and other ``BaseException`` s too (an
+``InvocationError`` naming what the agent did); at import they fail the
+template's build. Only cancellation propagates. There is no process to
+stop: ``pause`` holds the session's mailbox (the actor starts no turn), and
+a running turn finishes.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -16,12 +23,15 @@ from typing import Any
 import anyio.to_thread
 
 from ppio_sandbox.agent_runtime import PPIOAgentRuntimeApp, RequestContext
-from ppio_sandbox.agent_runtime.errors import SandboxCrashedError
-from ppio_sandbox.agent_runtime.loader import find_app, load_agent_module
+from ppio_sandbox.agent_runtime._handlers import describe_failure, is_cancellation
+from ppio_sandbox.agent_runtime.errors import InvocationError, SandboxCrashedError
+from ppio_sandbox.agent_runtime.loader import find_app, load_isolated
 
 from .base import Sandbox, SandboxProvider, TurnCall
 
 __all__ = ["InProcessSandbox", "InProcessSandboxProvider"]
+
+logger = logging.getLogger("ppio_sandbox.orchestrator")
 
 
 class InProcessSandbox(Sandbox):
@@ -46,7 +56,16 @@ class InProcessSandbox(Sandbox):
             metadata=metadata if isinstance(metadata, dict) else {},
             state=call.state,
         )
-        return await self.app.invoke(call.payload, context)
+        try:
+            return await self.app.invoke(call.payload, context)
+        except Exception:
+            raise
+        except BaseException as exc:  # sys.exit() in the agent: this turn fails, nothing else
+            if is_cancellation(exc):
+                raise
+            message = describe_failure(exc)
+            logger.warning("session %s: %s; the turn failed", call.session_id, message)
+            raise InvocationError(message) from exc
 
     async def ping(self) -> dict[str, Any]:
         return (await self.app.ping_response()).to_dict()
@@ -79,19 +98,22 @@ class InProcessSandboxProvider(SandboxProvider):
     async def open(self) -> None:
         if self.app is not None:
             return
-        module_name = "ppio_template_" + re.sub(r"\W", "_", self.template_id)
+        package = "ppio_tpl_" + re.sub(r"\W", "_", self.template_id)
         path = self.directory / self.entrypoint
 
         def load() -> PPIOAgentRuntimeApp:
-            return find_app(load_agent_module(path, module_name))
+            try:
+                return find_app(load_isolated(path, package))
+            except BaseException as exc:
+                # sys.exit() at import fails the build, not the server. Converted
+                # here, in the worker thread: asyncio cannot hand a GeneratorExit
+                # over to the waiting task (see agent_runtime._handlers.in_thread).
+                raise SandboxCrashedError(
+                    f"template {self.template_id}: loading {self.entrypoint} failed: "
+                    f"{describe_failure(exc)}"
+                ) from exc
 
-        try:
-            self.app = await anyio.to_thread.run_sync(load)
-        except Exception as exc:
-            raise SandboxCrashedError(
-                f"template {self.template_id}: loading {self.entrypoint} failed: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        self.app = await anyio.to_thread.run_sync(load)
 
     async def create(self, session_id: str, env_vars: dict[str, str] | None = None) -> Sandbox:
         if self.app is None:
