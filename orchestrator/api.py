@@ -81,6 +81,10 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
     def view(session: Any) -> dict[str, Any]:
         return session_view(session, wall_offset=wall_offset)
 
+    def template_json(template: Any) -> dict[str, Any]:
+        # "sandbox": where it runs (kind), what its spec asks (requested), and why.
+        return {**template_view(template), "sandbox": host.sandbox_policy.decide(template).view()}
+
     @app.errorhandler(PPIOAgentRuntimeError)
     async def on_error(exc: PPIOAgentRuntimeError) -> Response:
         response = reply(exc.to_envelope(request.headers.get("x-ppio-request-id")), exc.status_code)
@@ -110,11 +114,11 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
     @app.get("/v1/templates")
     async def list_templates() -> Response:
         templates = await host.list_templates(tenant())
-        return reply({"templates": [template_view(t) for t in templates]})
+        return reply({"templates": [template_json(t) for t in templates]})
 
     @app.get("/v1/templates/<template_id>")
     async def get_template(template_id: str) -> Response:
-        return reply(template_view(await host.resolve_template(template_id, tenant())))
+        return reply(template_json(await host.resolve_template(template_id, tenant())))
 
     @app.post("/v1/templates")
     async def deploy_template() -> Response:
@@ -127,7 +131,7 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
         if not data:
             raise ValidationError("empty archive")
         template = await host.deploy_archive(data, tenant())
-        return reply(template_view(template), 202)
+        return reply(template_json(template), 202)
 
     @app.delete("/v1/templates/<template_id>")
     async def delete_template(template_id: str) -> Response:

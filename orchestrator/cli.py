@@ -47,6 +47,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="event loop (default: uvloop when installed, else asyncio)",
     )
     p.add_argument("--warm-pool", type=int, help="process sandboxes kept warm per template")
+    p.add_argument(
+        "--trust-uploads",
+        action="store_true",
+        help="let templates uploaded by tenants (POST /v1/templates) run in-process as their "
+        "spec asks; without it they run as process sandboxes, since in-process code shares "
+        "the orchestrator's memory (--template directories may always run in-process)",
+    )
     p.add_argument("--grace", type=float, default=30.0, help="seconds to drain turns on SIGTERM")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
 
@@ -105,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys_files=list(args.keys_file),
         worker=args.worker,
         warm_pool=args.warm_pool,
+        trust_uploads=args.trust_uploads,
         grace=args.grace,
         log_level=args.log_level,
     )

@@ -43,6 +43,9 @@ class ServeOptions:
     keys_files: list[Path] = field(default_factory=list)
     worker: str | None = None
     warm_pool: int | None = None
+    trust_uploads: bool = False
+    """Let tenants' uploads run in-process (``serve --trust-uploads``); off, they run as
+    process sandboxes whatever their spec asks (see :mod:`._policy`)."""
     grace: float = 30.0
     log_level: str = "INFO"
     environ: dict[str, str] | None = None
@@ -135,6 +138,7 @@ async def run(
         data_dir=options.data_dir,
         shutdown_grace=options.grace,
         warm_pool=options.warm_pool,
+        trust_uploads=options.trust_uploads,
         limits=options.limits or SessionLimits(),
         stream_resume_grace=options.stream_resume_grace,
     )
