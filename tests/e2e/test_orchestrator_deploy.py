@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ppio_sandbox.orchestrator._policy import UPLOADS_AS_PROCESS
 from ppio_sandbox.orchestrator.templates import content_hash, pack_directory
 from tests.e2e.test_orchestrator_serve import TEMPLATES, ServeProcess, read_proc, serving
 
@@ -82,7 +83,7 @@ def listed(client: httpx.Client) -> set[str]:
 
 
 def test_an_upload_deploys_under_a_content_addressed_id(
-    client: httpx.Client, tmp_path: Path
+    client: httpx.Client, server: ServeProcess, tmp_path: Path
 ) -> None:
     src = copy_template("worker_inprocess", tmp_path, note="content-addressed")
     data = pack_directory(src)
@@ -102,13 +103,21 @@ def test_an_upload_deploys_under_a_content_addressed_id(
     assert view["error"] is None
     assert view["build_log"].startswith("smoke test passed: /ping answered")
     assert template_id in listed(client)
+    # An upload asking for inprocess runs as a process sandbox (serve has no --trust-uploads).
+    assert view["sandbox"] == {
+        "kind": "process",
+        "requested": "inprocess",
+        "reason": UPLOADS_AS_PROCESS,
+    }
 
     r = client.post("/v1/sessions", json={"template_id": template_id})
     assert r.status_code == 201, r.text
     sid = r.json()["session_id"]
+    assert r.json()["sandbox"]["kind"] == "process"
     r = client.post(f"/v1/sessions/{sid}/invocations", json={"prompt": "uploaded"})
     assert r.status_code == 200, r.text
     assert r.json()["result"]["echo"] == "uploaded"
+    assert r.json()["result"]["pid"] != server.pid
 
     # The same content again, even re-packed after touching every file, is the
     # same template: same id, already deployed, not rebuilt.

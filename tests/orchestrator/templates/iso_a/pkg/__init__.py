@@ -1,0 +1,1 @@
+WHO = "iso-a:pkg"
