@@ -76,7 +76,9 @@ class RuntimeSpec(msgspec.Struct, frozen=True, kw_only=True):
 class SandboxSpec(msgspec.Struct, frozen=True, kw_only=True):
     """``spec.sandbox``: which sandbox kind runs the agent, and how.
 
-    ``command``, ``warm_pool`` and ``env`` apply to ``process`` sandboxes only.
+    ``command``, ``warm_pool``, ``env`` and ``network`` apply to ``process``
+    sandboxes only. ``network``: the agent may use the host's network; off
+    (the default), it has only a loopback of its own (docs/sandboxing.md).
     """
 
     kind: Literal["inprocess", "process"] = "inprocess"
@@ -84,6 +86,7 @@ class SandboxSpec(msgspec.Struct, frozen=True, kw_only=True):
     warm_pool: int = 0
     env: dict[str, str] = msgspec.field(default_factory=dict)
     template_id: str | None = None
+    network: bool = False
 
 
 class AgentSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -233,11 +236,12 @@ def _runtime(raw: object) -> RuntimeSpec:
 
 
 def _sandbox(raw: object) -> SandboxSpec:
-    fields = _mapping(raw, "spec.sandbox", {"kind", "command", "warm_pool", "env", "template_id"})
+    allowed = {"kind", "command", "warm_pool", "env", "template_id", "network"}
+    fields = _mapping(raw, "spec.sandbox", allowed)
     kind = fields.get("kind", "inprocess")
     if kind not in ("inprocess", "process"):
         _fail("spec.sandbox.kind", f"must be 'inprocess' or 'process', got {_show(kind)}")
-    for key in ("command", "warm_pool", "env"):
+    for key in ("command", "warm_pool", "env", "network"):
         if kind == "inprocess" and fields.get(key) not in (None, 0, {}):
             _fail(
                 f"spec.sandbox.{key}",
@@ -271,8 +275,16 @@ def _sandbox(raw: object) -> SandboxSpec:
     template_id = fields.get("template_id")
     if template_id is not None:
         template_id = _slug(template_id, "spec.sandbox.template_id", _ID_RE, 63, "id")
+    network = fields.get("network", False)
+    if not isinstance(network, bool):
+        _fail("spec.sandbox.network", f"must be true or false, got {_kind(network)}")
     return SandboxSpec(
-        kind=kind, command=command, warm_pool=warm_pool, env=env, template_id=template_id
+        kind=kind,
+        command=command,
+        warm_pool=warm_pool,
+        env=env,
+        template_id=template_id,
+        network=network,
     )
 
 

@@ -257,6 +257,7 @@ class Orchestrator:
                 memory_limit=spec.runtime.memory_limit,
                 cpu_limit=spec.runtime.cpu_limit,
                 start_timeout=self.config.start_timeout,
+                network=spec.sandbox.network,
             )
         return InProcessSandboxProvider(
             f"{template.id}_{template.digest[:12]}", Path(template.path), spec.entrypoint
