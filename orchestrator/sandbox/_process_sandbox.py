@@ -1,11 +1,25 @@
 """``ProcessSandbox``: one session's agent in its own OS process, over HTTP.
 
-Public through :mod:`.process`; see that module for the overview.
+Public through :mod:`.process`; see that module for the overview, and
+:mod:`._isolation` for the walls around the process.
+
+Every wait has a deadline: start (``start_timeout``), ``/ping``
+(:data:`PING_TIMEOUT`; a paused sandbox answers ``{"status": "Paused"}``
+without touching the process), close (``close_grace``, then SIGKILL and
+bounded waits). A turn's read has none here: the session's actor owns the
+turn deadline (a cancel scope), and a paused sandbox may sit mid-turn.
+
+Errors carry the agent's log tail for the caller with the host paths it
+may name (its working directory, the sandboxes' root) replaced by
+placeholders such as ``<workdir>``; the orchestrator's log gets the tail
+as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +32,7 @@ import anyio
 import anyio.lowlevel
 import httpx
 
-from ppio_sandbox.agent_runtime.errors import SandboxCrashedError
+from ppio_sandbox.agent_runtime.errors import SandboxCrashedError, ServiceUnavailableError
 from ppio_sandbox.agent_runtime.protocol import (
     CONTENT_JSON,
     CONTENT_SSE,
@@ -28,6 +42,7 @@ from ppio_sandbox.agent_runtime.protocol import (
     encode_json,
 )
 
+from . import _isolation
 from . import _process_spawn as _spawn
 from ._process_events import EventStream, decode_reply
 from .base import Sandbox, TurnCall
@@ -46,6 +61,10 @@ _OWN_HEADERS = frozenset(
 # The actor owns the turn's deadline (cancel scopes); the client only bounds
 # connecting and writing. No read timeout: a paused sandbox may sit mid-turn.
 _TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
+PING_TIMEOUT = 5.0
+"""A live sandbox that does not answer ``/ping`` within this is reported unavailable."""
+_PING_TIMEOUT = httpx.Timeout(PING_TIMEOUT)
+_GONE_TIMEOUT = 5.0  # after SIGKILL: for the last processes of the sandbox to be reaped
 _LIMITS = httpx.Limits(max_keepalive_connections=4, keepalive_expiry=None)
 # Plain HTTP to a local socket: TLS is never used, and ``verify=False`` spares
 # each sandbox the ~25 ms of loading the CA bundle into a new SSL context.
@@ -58,15 +77,23 @@ class ProcessSandbox(Sandbox):
     the process is ``python -m ppio_sandbox.agent_runtime <entrypoint>`` or,
     when given, ``command`` (which then wins over ``entrypoint``). ``env``
     is the template's environment, ``env_vars`` the session's (see
-    :func:`._process_spawn.sandbox_environment`); ``memory_limit`` (bytes)
-    and ``cpu_limit`` (cores) are enforced as :class:`._process_spawn.ProcessSpec`
-    describes. ``bind="tcp"`` serves on ``127.0.0.1:<free port>`` instead of
-    a Unix socket, for command sandboxes that cannot do otherwise.
+    :func:`._process_spawn.sandbox_environment`); ``memory_limit`` (bytes),
+    ``cpu_limit`` (cores) and ``pids_limit`` are enforced, and
+    ``isolation``, ``network``, ``uid_range`` and ``read_only_paths`` chose
+    the walls, as :class:`._process_spawn.ProcessSpec` describes.
+    ``bind="tcp"`` serves on ``127.0.0.1:<free port>`` instead of a Unix
+    socket, for command sandboxes that cannot do otherwise (that needs the
+    host's network: no network namespace then).
 
     ``start()`` = :meth:`launch` (copy, spawn; a few ms) + waiting for
     ``/ping``. ``close()`` stops the process group and removes the files.
     ``TurnCall.state`` is not used: ``context.state`` lives in the agent
     process (keyed by session id) for as long as the process does.
+
+    With namespaces, :attr:`pid` is bwrap's (the orchestrator's child); the
+    agent is pid 2 of its own PID namespace, in the session bwrap's init
+    starts there: that process group is what pause (without a freezer) and
+    close signal.
     """
 
     kind = "process"
@@ -87,6 +114,11 @@ class ProcessSandbox(Sandbox):
         python: str = sys.executable,
         bind: Literal["unix", "tcp"] = "unix",
         close_grace: float = 3.0,
+        isolation: _isolation.Level = "auto",
+        network: bool = False,
+        pids_limit: int | None = _isolation.DEFAULT_PIDS_LIMIT,
+        uid_range: tuple[int, int] = _isolation.DEFAULT_UID_RANGE,
+        read_only_paths: Sequence[Path] = (),
     ) -> None:
         spec = _spawn.ProcessSpec(
             template_dir=Path(template_dir),
@@ -100,6 +132,11 @@ class ProcessSandbox(Sandbox):
             python=python,
             bind=bind,
             close_grace=close_grace,
+            isolation=isolation,
+            network=network,
+            pids_limit=pids_limit,
+            uid_range=uid_range,
+            read_only_paths=tuple(Path(p) for p in read_only_paths),
         )
         self._setup(spec, session_id, env_vars)
 
@@ -124,15 +161,16 @@ class ProcessSandbox(Sandbox):
         self._env_vars = dict(env_vars or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._client: httpx.AsyncClient | None = None
-        self._workdir: Path | None = None
-        self._socket: Path | None = None
-        self._extra_dir: Path | None = None
+        self._launch: _spawn.Launch | None = None
         self._address = ""
         self._deadline = 0.0
         self._lock = anyio.Lock()
         self._started = self._broken = self._closing = self._paused = False
+        self._paused_at = 0.0
         self._closed = anyio.Event()
         self._started_at: float | None = None
+        # Inside bwrap: the namespace's init and the agent's process group (host ids).
+        self._inner: tuple[int | None, int | None] = (None, None)
 
     # --- facts ---------------------------------------------------------------------------
 
@@ -150,37 +188,72 @@ class ProcessSandbox(Sandbox):
 
     @property
     def pid(self) -> int | None:
-        """The process id (also its process group id), once launched."""
+        """The process id (also its process group id), once launched: bwrap's, if wrapped."""
         return self._proc.pid if self._proc is not None else None
 
     @property
     def workdir(self) -> Path | None:
         """The sandbox's own directory (its cwd and HOME), once launched."""
-        return self._workdir
+        return self._launch.workdir if self._launch is not None else None
+
+    @property
+    def uid(self) -> int | None:
+        """The uid the agent runs as when it has one of its own."""
+        launch = self._launch
+        return launch.uid.uid if launch is not None and launch.uid is not None else None
+
+    @property
+    def cgroup(self) -> _isolation.SandboxCgroup | None:
+        """The sandbox's cgroup, when the host offers one."""
+        return self._launch.cgroup if self._launch is not None else None
 
     @property
     def log_path(self) -> Path | None:
         """Where the process's stdout and stderr go."""
-        return self._workdir / _spawn.PRIVATE_DIR / _spawn.LOG_NAME if self._workdir else None
+        workdir = self.workdir
+        return workdir / _spawn.PRIVATE_DIR / _spawn.LOG_NAME if workdir else None
+
+    @property
+    def _wrapped(self) -> bool:
+        return self._launch is not None and self._launch.plan.level == "bwrap"
 
     def describe(self) -> dict[str, Any]:
-        """Pid, address, workdir and state, for the session's API view."""
+        """Pid, address, workdir, walls and state, for the session's API view."""
+        launch = self._launch
         return {
             "kind": self.kind,
             "pid": self.pid,
-            "socket": str(self._socket) if self._socket else None,
+            "socket": str(launch.socket) if launch else None,
             "address": self._address or None,
-            "workdir": str(self._workdir) if self._workdir else None,
+            "workdir": str(launch.workdir) if launch else None,
             "session_id": self.session_id,
             "alive": self.alive,
             "paused": self._paused,
             "started_at": self._started_at,
+            "isolation": {**launch.plan.describe(), "uid": self.uid} if launch else None,
         }
 
     async def log_tail(self, size: int = 4096) -> str:
         """The last ``size`` bytes of the process's stdout and stderr."""
-        path = self.log_path
-        return await anyio.to_thread.run_sync(_spawn.read_tail, path, size) if path else ""
+        launch = self._launch
+        if launch is None:
+            return ""
+        return await anyio.to_thread.run_sync(_spawn.read_tail, launch.log_fd, size)
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the host paths a caller has no business seeing."""
+        launch = self._launch
+        if launch is None:
+            return text
+        return _spawn.scrub_paths(
+            text,
+            {
+                launch.workdir: "<workdir>",
+                launch.extra_dir: "<socket-dir>",
+                self.spec.work_root: "<sandboxes>",
+                self.spec.work_root.parent: "<data>",
+            },
+        )
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -227,25 +300,28 @@ class ProcessSandbox(Sandbox):
     async def _spawn(self) -> None:
         spec = self.spec
         # Shielded thread hops: a cancellation arriving while the thread runs
-        # must not lose its result (a directory, a process) before we own it.
+        # must not lose its result (a directory, a uid, a process) before we own it.
         with anyio.CancelScope(shield=True):
-            workdir, self._socket, self._extra_dir = await anyio.to_thread.run_sync(
-                _spawn.prepare_workdir, spec, self.session_id or "warm"
-            )
-        self._workdir = workdir
+            try:
+                launch = await anyio.to_thread.run_sync(
+                    _spawn.prepare_launch, spec, self.session_id or "warm"
+                )
+            except _isolation.IsolationUnavailable as exc:
+                raise SandboxCrashedError(str(exc)) from exc
+        self._launch = launch
         if spec.bind == "tcp":
             self._address = f"127.0.0.1:{_spawn.free_tcp_port()}"
             transport = httpx.AsyncHTTPTransport(limits=_LIMITS, verify=False)
             base_url = f"http://{self._address}"
         else:
-            self._address = f"unix:{self._socket}"
+            self._address = f"unix:{launch.socket}"
             transport = httpx.AsyncHTTPTransport(
-                uds=str(self._socket), limits=_LIMITS, verify=False
+                uds=str(launch.socket), limits=_LIMITS, verify=False
             )
             base_url = "http://sandbox"
         env = _spawn.sandbox_environment(
             spec,
-            workdir=workdir,
+            workdir=launch.workdir,
             bind=self._address,
             session_id=self.session_id,
             env_vars=self._env_vars,
@@ -259,26 +335,27 @@ class ProcessSandbox(Sandbox):
         self._client = httpx.AsyncClient(transport=transport, base_url=base_url, timeout=_TIMEOUT)
         try:
             with anyio.CancelScope(shield=True):
-                self._proc = await anyio.to_thread.run_sync(_spawn.spawn, spec, argv, env, workdir)
+                self._proc = await anyio.to_thread.run_sync(_spawn.spawn, spec, launch, argv, env)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             raise SandboxCrashedError(f"could not start {argv[0]!r}: {exc}") from exc
         self._deadline = anyio.current_time() + spec.start_timeout
         await anyio.lowlevel.checkpoint()  # deliver a cancellation that waited
 
     async def _wait_ready(self) -> None:
-        proc, client = self._proc, self._client
+        proc, client, launch = self._proc, self._client, self._launch
         assert proc is not None
         assert client is not None
+        assert launch is not None
         delay = 0.002
         while True:
             returncode = proc.poll()
             if returncode is not None:
-                what = _spawn.describe_exit(returncode)
+                what = _spawn.describe_exit(returncode, wrapped=self._wrapped)
                 raise await self._failure(
                     f"sandbox process {proc.pid} {what} before it was ready", returncode
                 )
             # Skip HTTP while the socket does not exist yet: the common case.
-            if self._socket is None or self.spec.bind == "tcp" or self._socket.exists():
+            if self.spec.bind == "tcp" or launch.socket.exists():
                 with anyio.move_on_after(max(0.1, self._deadline - anyio.current_time())):
                     try:
                         if (await client.get("/ping")).status_code == 200:
@@ -295,10 +372,22 @@ class ProcessSandbox(Sandbox):
             delay = min(delay * 1.5, 0.05)
 
     async def _failure(self, message: str, returncode: int | None) -> SandboxCrashedError:
+        """The error for a sandbox that failed: why, and its log tail without host paths."""
+        cgroup = self.cgroup
+        limit = self.spec.memory_limit
+        if cgroup is not None and limit and await anyio.to_thread.run_sync(cgroup.oom_kills):
+            message += (
+                f" (out of memory: the sandbox used its whole memory_limit of {limit} bytes "
+                "and the kernel killed it)"
+            )
         tail = await self.log_tail()
         details: dict[str, Any] = {"pid": self.pid, "exit_code": returncode}
-        text = f"{message}\n--- log tail ---\n{tail}" if tail.strip() else message
-        return SandboxCrashedError(text, details=details)
+        if tail.strip():
+            logger.warning("%s (session %s)\n--- log tail ---\n%s", message, self.session_id, tail)
+            text = f"{message}\n--- log tail ---\n{self.scrub(tail)}"
+        else:
+            text = message
+        return SandboxCrashedError(self.scrub(text), details=details)
 
     async def _crashed(self, cause: BaseException) -> SandboxCrashedError:
         """Turn a broken connection into SandboxCrashedError; the sandbox is dead now."""
@@ -311,30 +400,65 @@ class ProcessSandbox(Sandbox):
         if returncode is None:
             what = f"dropped the connection ({type(cause).__name__}: {cause}) but is running"
         else:
-            what = _spawn.describe_exit(returncode)
+            what = _spawn.describe_exit(returncode, wrapped=self._wrapped)
         return await self._failure(f"sandbox process {proc.pid} {what}", returncode)
 
+    async def _agent_group(self) -> int | None:
+        """The process group to signal: the agent's (inside bwrap), else the process's."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if not self._wrapped:
+            return proc.pid
+        if self._inner[1] is None:
+            cgroup = self.cgroup
+            candidates = await anyio.to_thread.run_sync(cgroup.pids) if cgroup else None
+            self._inner = await anyio.to_thread.run_sync(
+                _isolation.agent_process, proc.pid, candidates
+            )
+        return self._inner[1]
+
+    async def _signal(self, sig: signal.Signals) -> None:
+        group = await self._agent_group()
+        if group is not None:
+            _spawn.signal_group(group, sig)
+
     async def pause(self) -> None:
-        """SIGSTOP the whole process group. Idempotent."""
+        """Freeze the sandbox's cgroup, else SIGSTOP the agent's process group. Idempotent."""
         if self._proc is not None and not self._closing and not self._paused:
-            _spawn.signal_group(self._proc.pid, signal.SIGSTOP)
+            cgroup = self.cgroup
+            if cgroup is not None and cgroup.plan.freezer is not None:
+                await anyio.to_thread.run_sync(cgroup.freeze, True)
+            else:
+                await self._signal(signal.SIGSTOP)
             self._paused = True
+            self._paused_at = time.time()
 
     async def resume(self) -> None:
-        """SIGCONT the whole process group. Idempotent."""
+        """Undo :meth:`pause`. Idempotent."""
         if self._proc is not None and self._paused and not self._closing:
-            _spawn.signal_group(self._proc.pid, signal.SIGCONT)
+            await self._thaw()
             self._paused = False
 
-    async def close(self) -> None:
-        """Stop the process group, reap it, remove its files. Idempotent; never raises.
+    async def _thaw(self) -> None:
+        cgroup = self.cgroup
+        if cgroup is not None and cgroup.plan.freezer is not None:
+            await anyio.to_thread.run_sync(cgroup.freeze, False)
+        else:
+            await self._signal(signal.SIGCONT)
 
-        Shielded from cancellation: the HTTP client is closed, then SIGCONT
-        (a stopped process cannot act on SIGTERM) and SIGTERM go to the
-        group; after up to ``close_grace`` seconds for the runtime to drain,
-        SIGKILL goes to the group (ending any stragglers the agent started)
-        and the process is reaped; then the workdir and socket are removed.
-        Concurrent callers wait for the first one to finish.
+    async def close(self) -> None:
+        """Stop the sandbox's processes, reap them, give back its resources. Idempotent.
+
+        Never raises; shielded from cancellation: the HTTP client is closed,
+        then the sandbox is thawed (a stopped process cannot act on SIGTERM)
+        and SIGTERM goes to the agent's process group; after up to
+        ``close_grace`` seconds for the runtime to drain, SIGKILL goes to
+        every process of the sandbox (its cgroup, the agent's group, bwrap:
+        its namespace dies with it), the process is reaped and the sandbox's
+        last processes are waited for (bounded); then its cgroup, uid,
+        workdir and socket are given back. Concurrent callers wait for the
+        first one to finish.
         """
         with anyio.CancelScope(shield=True):
             if self._closing:
@@ -351,18 +475,42 @@ class ProcessSandbox(Sandbox):
     async def _close_now(self) -> None:
         if self._client is not None:
             await self._client.aclose()
-        proc = self._proc
+        proc, launch = self._proc, self._launch
         if proc is not None:
             if proc.poll() is None:
-                _spawn.signal_group(proc.pid, signal.SIGCONT)
-                _spawn.signal_group(proc.pid, signal.SIGTERM)
-                await wait_exit(proc, self.spec.close_grace)
-            _spawn.signal_group(proc.pid, signal.SIGKILL)
+                if self._paused:
+                    await self._thaw()
+                group = await self._agent_group()
+                if group is not None:  # else the agent has not started: nothing to drain
+                    _spawn.signal_group(group, signal.SIGCONT)
+                    _spawn.signal_group(group, signal.SIGTERM)
+                    await wait_exit(proc, self.spec.close_grace)
+            await self._kill_all(proc)
             if await wait_exit(proc, 10.0) is None:
                 logger.error("sandbox process %s did not die after SIGKILL", proc.pid)
         self._paused = False
-        paths = (self._workdir, self._extra_dir, self._socket)
-        await anyio.to_thread.run_sync(_spawn.remove_paths, *paths)
+        if launch is not None:
+            if self._wrapped and launch.cgroup is None and self._inner[0] is not None:
+                # No cgroup to watch: wait for the namespace's init (the kernel
+                # kills the rest of the namespace before it goes).
+                await wait_gone(self._inner[0], _GONE_TIMEOUT)
+            await anyio.to_thread.run_sync(_spawn.release_launch, launch, _GONE_TIMEOUT)
+
+    async def _kill_all(self, proc: subprocess.Popen[bytes]) -> None:
+        cgroup = self.cgroup
+        if self._wrapped and self._inner[0] is None:
+            await self._agent_group()  # learn the namespace's init before bwrap goes
+        if cgroup is not None:
+            await anyio.to_thread.run_sync(cgroup.kill_all)
+        init, group = self._inner
+        if group is not None:
+            _spawn.signal_group(group, signal.SIGKILL)
+        if init is not None:
+            # Should bwrap die before its child set its parent-death signal, the
+            # namespace would outlive it: its init takes SIGKILL from outside.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(init, signal.SIGKILL)
+        _spawn.signal_group(proc.pid, signal.SIGKILL)
 
     # --- turns ---------------------------------------------------------------------------
 
@@ -414,10 +562,21 @@ class ProcessSandbox(Sandbox):
         return decode_reply(status, body)
 
     async def ping(self) -> dict[str, Any]:
-        """The agent's ``/ping`` body; SandboxCrashedError if it cannot be reached."""
+        """The agent's ``/ping`` body; ``{"status": "Paused", ...}`` at once when paused.
+
+        SandboxCrashedError if the agent cannot be reached;
+        ServiceUnavailableError if it does not answer within
+        :data:`PING_TIMEOUT` (the sandbox is not declared dead for that).
+        """
         client = self._live_client()
+        if self._paused:
+            return {"status": "Paused", "time_of_last_update": int(self._paused_at)}
         try:
-            response = await client.get("/ping")
+            response = await client.get("/ping", timeout=_PING_TIMEOUT)
+        except httpx.TimeoutException as exc:
+            raise ServiceUnavailableError(
+                f"sandbox did not answer /ping within {PING_TIMEOUT:g} s"
+            ) from exc
         except httpx.TransportError as exc:
             raise await self._crashed(exc) from exc
         answer = decode_reply(response.status_code, response.content, envelope=False)
@@ -435,3 +594,17 @@ async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None
         await anyio.sleep(min(delay, remaining))
         delay = min(delay * 2, 0.05)
     return returncode
+
+
+async def wait_gone(pid: int, timeout: float) -> bool:
+    """Poll until no process ``pid`` exists (not our child: no reaping here)."""
+    deadline = anyio.current_time() + timeout
+    delay = 0.001
+    while await anyio.Path(f"/proc/{pid}").exists():
+        remaining = deadline - anyio.current_time()
+        if remaining <= 0:
+            logger.error("sandbox process %s did not go away", pid)
+            return False
+        await anyio.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.05)
+    return True

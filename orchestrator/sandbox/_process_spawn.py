@@ -1,8 +1,8 @@
 """Starting and stopping a sandbox's OS process: the parts that are not HTTP.
 
 Everything here is either pure (building argv and the environment) or
-blocking file-system and process work that :mod:`.process` runs in anyio
-worker threads. Nothing here touches an event loop.
+blocking file-system and process work that :mod:`.process` runs in worker
+threads. Nothing here touches an event loop.
 
 What a sandbox process gets:
 
@@ -16,16 +16,33 @@ What a sandbox process gets:
 * its own process group and session (``setsid``), so pause, resume and kill
   reach every process the agent started (unless it calls ``setsid`` itself).
 * a scrubbed environment, see :func:`sandbox_environment`.
-* resource limits, see :class:`ProcessSpec`.
+* the walls of :mod:`._isolation` (namespaces, a uid of its own, cgroups)
+  or, where the host lacks them, resource limits, see :class:`ProcessSpec`.
+
+No orphans: every sandbox process is forked by one long-lived thread
+(:func:`spawn`) and gets the parent-death signal SIGKILL before its program
+runs (``setpriv --pdeathsig``, then a shell that gives up if the
+orchestrator is already gone; see :func:`_exec_chain`). The kernel sends
+that signal when the *thread* that forked dies, which is why anyio's
+worker threads (they exit when idle) cannot do the forking; this thread
+lives as long as the orchestrator. So when the orchestrator dies, even by
+SIGKILL, its sandboxes die with it: bwrap by the signal, the namespace with
+bwrap (``--die-with-parent``), or the agent itself without bwrap.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import ctypes
+import errno
+import functools
 import importlib.util
 import itertools
+import logging
 import math
 import os
+import queue
 import re
 import resource
 import shutil
@@ -38,20 +55,29 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
+
+from . import _isolation
+from ._isolation import DEFAULT_PIDS_LIMIT, DEFAULT_UID_RANGE, LEVELS, Level
 
 __all__ = [
     "RESERVED_ENV",
+    "Launch",
     "ProcessSpec",
     "describe_exit",
     "free_tcp_port",
+    "prepare_launch",
     "prepare_workdir",
     "read_tail",
+    "release_launch",
     "remove_paths",
     "sandbox_environment",
+    "scrub_paths",
     "signal_group",
     "spawn",
 ]
+
+logger = logging.getLogger("ppio_sandbox.orchestrator.sandbox")
 
 BIND_ENV = "PPIO_AGENT_BIND"  # = ppio_sandbox.agent_runtime.config.BIND_ENV
 SESSION_ENV = "PPIO_SESSION_ID"
@@ -74,23 +100,42 @@ class ProcessSpec:
     unless ``command`` is given, which then wins (``entrypoint`` is ignored
     and need not exist). ``env`` is the template's environment.
 
-    Limits enforced on the process (set between ``fork`` and ``exec``):
+    ``isolation`` picks the walls (:mod:`._isolation`): ``"auto"`` (the
+    default) builds every wall the host offers and logs a WARNING naming
+    the missing ones; ``"bwrap"`` refuses to start without namespaces;
+    ``"none"`` builds none (the orchestrator's user, the whole file system;
+    only the RLIMIT/affinity limits below). ``network`` gives the sandbox
+    the host's network (off: a network namespace with only loopback).
+    ``read_only_paths`` are extra host paths the agent may read (bound at
+    their own paths). ``uid_range`` = ``(first, count)`` of the uids leased
+    to sandboxes.
 
-    * ``memory_limit`` (bytes) -> ``RLIMIT_AS``, soft = hard: the process's
-      *virtual address space*. An allocation past it fails (Python raises
-      ``MemoryError``; native code may abort). Virtual size is larger than
-      RSS, so leave headroom (a bare runtime maps ~110 MiB). The sandbox
-      also sets ``MALLOC_ARENA_MAX=2`` (unless the template sets it) so
-      glibc's per-thread arenas do not reserve 64 MiB of address space each.
-    * ``cpu_limit`` (cores) -> CPU affinity: the process may run on at most
-      ``ceil(cpu_limit)`` CPUs at once, chosen round-robin from the
-      orchestrator's own CPUs so sandboxes spread out. Fractions round up
-      (0.5 -> one core); there is no time-slice quota (that needs cgroups'
-      ``cpu.max``). ``RLIMIT_CPU`` was rejected: it is a cumulative CPU-
-      seconds budget that would kill a long-lived session for past work.
+    Limits, each through a cgroup where the host has one (for the whole
+    sandbox, all its processes), else the fallback (set between ``fork``
+    and ``exec``):
 
-    Neither is a security boundary: an agent running as the same (root)
-    user can raise its own limits. Isolation proper is a container's job.
+    * ``memory_limit`` (bytes): ``memory.max`` (v2) / ``memory.limit_in_bytes``
+      (v1); an allocation past it gets the sandbox OOM-killed (the turn
+      fails with SandboxCrashedError saying so). Fallback ``RLIMIT_AS``,
+      soft = hard, per process: the *virtual address space*, where an
+      allocation past it fails (Python raises ``MemoryError``; native code
+      may abort); virtual size is larger than RSS, so leave headroom (a bare
+      runtime maps ~110 MiB). Either way the sandbox also gets
+      ``MALLOC_ARENA_MAX=2`` (unless the template sets it) so glibc's
+      per-thread arenas do not reserve 64 MiB of address space each.
+    * ``cpu_limit`` (cores): ``cpu.max`` / ``cpu.cfs_quota_us``, a time-slice
+      quota, so fractions count (0.5 = half a core). Fallback CPU affinity:
+      at most ``ceil(cpu_limit)`` CPUs, chosen round-robin from the
+      orchestrator's own CPUs so sandboxes spread out. ``RLIMIT_CPU`` was
+      rejected: it is a cumulative CPU-seconds budget that would kill a
+      long-lived session for past work.
+    * ``pids_limit`` (processes and threads, default 512): ``pids.max``, so a
+      fork bomb stops at the limit. Fallback ``RLIMIT_NPROC``, which counts
+      per uid and so means something only with a uid of its own.
+
+    Only with a uid of its own are these limits out of the agent's reach
+    (as root it could raise its RLIMITs; cgroup files are not even visible
+    in its mount namespace).
     """
 
     template_dir: Path
@@ -104,6 +149,11 @@ class ProcessSpec:
     python: str = sys.executable
     bind: Literal["unix", "tcp"] = "unix"
     close_grace: float = 3.0
+    isolation: Level = "auto"
+    network: bool = False
+    pids_limit: int | None = DEFAULT_PIDS_LIMIT
+    uid_range: tuple[int, int] = DEFAULT_UID_RANGE
+    read_only_paths: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.entrypoint is None and self.command is None:
@@ -122,10 +172,24 @@ class ProcessSpec:
             raise ValueError("memory_limit must be a positive number of bytes")
         if self.cpu_limit is not None and self.cpu_limit <= 0:
             raise ValueError("cpu_limit must be a positive number of cores")
+        if self.pids_limit is not None and self.pids_limit <= 0:
+            raise ValueError("pids_limit must be a positive number of processes")
         if self.start_timeout <= 0 or self.close_grace < 0:
             raise ValueError("start_timeout must be > 0 and close_grace >= 0")
         if self.bind not in ("unix", "tcp"):
             raise ValueError(f"bind must be 'unix' or 'tcp', not {self.bind!r}")
+        if self.isolation not in LEVELS:
+            raise ValueError(
+                f"isolation must be one of {', '.join(LEVELS)}, not {self.isolation!r}"
+            )
+        first, count = self.uid_range
+        if not (first > 0 and count > 0 and first + count <= 2**31):
+            raise ValueError(
+                f"uid_range must be (first > 0, count > 0) below 2**31: {first, count}"
+            )
+        for path in self.read_only_paths:
+            if not path.is_absolute():
+                raise ValueError(f"read_only_paths must be absolute: {path}")
         check_env(self.env, "env")
 
 
@@ -342,6 +406,81 @@ def prepare_workdir(spec: ProcessSpec, label: str) -> tuple[Path, Path, Path | N
         raise
 
 
+@dataclass
+class Launch:
+    """What one sandbox holds on the host until :func:`release_launch`."""
+
+    plan: _isolation.Plan
+    workdir: Path
+    socket: Path
+    extra_dir: Path | None
+    log_fd: int
+    """Open on ``.ppio/agent.log`` since before the agent ran: tails are read
+    through it, so an agent that swaps the file for a symlink shows nothing."""
+    uid: _isolation.UidLease | None = None
+    cgroup: _isolation.SandboxCgroup | None = None
+
+
+def prepare_launch(spec: ProcessSpec, label: str) -> Launch:
+    """Plan the walls, copy the template, lease a uid, create the cgroup (blocking).
+
+    Raises :class:`._isolation.IsolationUnavailable` for ``isolation="bwrap"``
+    on a host without bwrap; undoes its own work on any failure.
+    """
+    plan = _isolation.make_plan(
+        spec.isolation,
+        network=spec.network,
+        bind=spec.bind,
+        memory_limit=spec.memory_limit,
+        cpu_limit=spec.cpu_limit,
+        pids_limit=spec.pids_limit,
+    )
+    workdir, sock, extra = prepare_workdir(spec, label)
+    launch: Launch | None = None
+    try:
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        log_fd = os.open(workdir / PRIVATE_DIR / LOG_NAME, flags, 0o600)
+        launch = Launch(plan, workdir, sock, extra, log_fd)
+        if plan.setpriv is not None:
+            launch.uid = _isolation.UidLease.acquire(spec.uid_range)
+            for path in (workdir, extra):
+                if path is not None:
+                    _isolation.chown_tree(path, launch.uid.uid)
+        if plan.uses_cgroups:
+            cgroup = _isolation.SandboxCgroup(plan)
+            cgroup.create(
+                memory_limit=spec.memory_limit,
+                cpu_limit=spec.cpu_limit,
+                pids_limit=spec.pids_limit,
+            )
+            launch.cgroup = cgroup
+        return launch
+    except BaseException:
+        if launch is not None:
+            release_launch(launch, 0.0)
+        else:
+            remove_paths(workdir, extra)
+        raise
+
+
+def release_launch(launch: Launch, timeout: float) -> None:
+    """Give back what :func:`prepare_launch` took (blocking; the processes are dead).
+
+    Waits up to ``timeout`` for the sandbox's cgroup to empty (its last
+    processes may still be exiting) before removing it; the uid is only
+    released once no process can hold it any more.
+    """
+    with contextlib.suppress(OSError):
+        os.close(launch.log_fd)
+    empty = launch.cgroup.remove(timeout) if launch.cgroup is not None else True
+    if launch.uid is not None:
+        if empty:
+            launch.uid.release()
+        else:
+            logger.error("not releasing uid %s: its cgroup still has processes", launch.uid.uid)
+    remove_paths(launch.workdir, launch.extra_dir, launch.socket)
+
+
 def free_tcp_port() -> int:
     """A loopback port free right now (the child binds it a moment later)."""
     with socket.socket() as s:
@@ -349,16 +488,25 @@ def free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def read_tail(path: Path, size: int = 4096) -> str:
-    """The last ``size`` bytes of the log (blocking); empty if there is none."""
+def read_tail(fd: int, size: int = 4096) -> str:
+    """The last ``size`` bytes of the log open on ``fd`` (blocking); empty if none."""
     try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - size))
-            data = f.read()
+        end = os.fstat(fd).st_size
+        data = os.pread(fd, min(size, end), max(0, end - size))
     except OSError:
         return ""
     return data.decode("utf-8", errors="replace")
+
+
+def scrub_paths(text: str, replacements: Mapping[Path | None, str]) -> str:
+    """``text`` with each host path replaced by its placeholder, longest first."""
+    pairs = sorted(
+        ((str(path), name) for path, name in replacements.items() if path is not None),
+        key=lambda pair: -len(pair[0]),
+    )
+    for path, name in pairs:
+        text = text.replace(path, name)
+    return text
 
 
 def remove_paths(*paths: Path | None) -> None:
@@ -376,6 +524,19 @@ def remove_paths(*paths: Path | None) -> None:
 # --- the process -----------------------------------------------------------------------------
 
 _cpu_cursor = itertools.count()
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+# Run by /bin/sh between setpriv (which set the parent-death signal) and the
+# sandbox's program: give up if the orchestrator died before that (the child
+# was re-parented), join the sandbox's cgroups, exec the rest.
+_JOIN = (
+    '[ "$PPID" = "$1" ] || exit 97; shift; '
+    'while [ "$1" != -- ]; do echo $$ > "$1" || exit 98; shift; done; shift; exec "$@"'
+)
 
 
 def _choose_cpus(cpu_limit: float | None) -> list[int] | None:
@@ -389,41 +550,183 @@ def _choose_cpus(cpu_limit: float | None) -> list[int] | None:
     return [allowed[(start + i) % len(allowed)] for i in range(want)]
 
 
-def _limits_preexec(memory_limit: int | None, cpus: list[int] | None) -> Callable[[], None] | None:
-    if memory_limit is None and cpus is None:
+@dataclass(frozen=True)
+class _ChildSetup:
+    """What the child needs between ``fork`` and the program: tie, join, limit."""
+
+    parent: int
+    procs_files: tuple[str, ...]
+    rlimits: tuple[tuple[str, int], ...]  # (prlimit's name, value), soft = hard
+    cpus: tuple[int, ...] | None
+
+
+def _child_setup(spec: ProcessSpec, launch: Launch) -> _ChildSetup:
+    plan = launch.plan
+    rlimits: list[tuple[str, int]] = []
+    if spec.memory_limit is not None and plan.memory is None:
+        rlimits.append(("as", spec.memory_limit))
+    if spec.pids_limit is not None and plan.pids is None and launch.uid is not None:
+        rlimits.append(("nproc", spec.pids_limit))
+    cpus = _choose_cpus(spec.cpu_limit) if plan.cpu is None else None
+    return _ChildSetup(
+        parent=os.getpid(),
+        procs_files=launch.cgroup.procs_files if launch.cgroup is not None else (),
+        rlimits=tuple(rlimits),
+        cpus=tuple(cpus) if cpus is not None else None,
+    )
+
+
+def _exec_chain(setup: _ChildSetup) -> list[str] | None:
+    """The programs that do ``setup`` before the sandbox's own (util-linux, /bin/sh).
+
+    Doing it by exec keeps ``preexec_fn`` out of Popen, so that Python can
+    ``vfork``: a ``fork`` copies the orchestrator's page tables, 10+ ms for
+    a big orchestrator, on every sandbox launch. None when a tool is missing.
+    """
+    tools = _isolation.host_tools()
+    if tools.setpriv is None or tools.sh is None:
         return None
+    chain = [tools.setpriv, "--pdeathsig=KILL", "--", tools.sh, "-c", _JOIN, "ppio-sandbox"]
+    chain += [str(setup.parent), *setup.procs_files, "--"]
+    if setup.rlimits:
+        if tools.prlimit is None:
+            return None
+        chain += [tools.prlimit, *(f"--{name}={v}:{v}" for name, v in setup.rlimits), "--"]
+    if setup.cpus is not None:
+        if tools.taskset is None:
+            return None
+        chain += [tools.taskset, "-c", ",".join(map(str, setup.cpus))]
+    return chain
 
-    def apply_limits() -> None:  # runs in the child between fork and exec
-        if memory_limit is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
 
-    return apply_limits
+def _preexec(setup: _ChildSetup) -> Callable[[], None]:
+    """The same set-up as :func:`_exec_chain`, in Python, for hosts without the tools.
+
+    Only syscalls on values computed in the parent (no imports, no locks),
+    which is what makes it safe in a threaded parent.
+    """
+    prctl = _prctl
+    kill = int(signal.SIGKILL)
+    limits = [
+        (resource.RLIMIT_AS if name == "as" else resource.RLIMIT_NPROC, (value, value))
+        for name, value in setup.rlimits
+    ]
+
+    def run_in_child() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, kill, 0, 0, 0)
+            if os.getppid() != setup.parent:  # the orchestrator died before the prctl
+                os._exit(1)
+        pid = str(os.getpid()).encode()
+        for path in setup.procs_files:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+        for which, value in limits:
+            resource.setrlimit(which, value)
+        if setup.cpus is not None:
+            os.sched_setaffinity(0, setup.cpus)
+
+    return run_in_child
+
+
+def command_argv(spec: ProcessSpec, launch: Launch, argv: list[str]) -> list[str]:
+    """``argv`` as executed: inside bwrap (and setpriv) when the plan says so."""
+    if launch.plan.level != "bwrap":
+        return argv
+    return _isolation.bwrap_argv(
+        launch.plan,
+        argv,
+        uid=launch.uid.uid if launch.uid is not None else None,
+        workdir=launch.workdir,
+        socket_dir=launch.socket.parent,
+        read_only=_read_only(spec.work_root, spec.python, spec.read_only_paths),
+        private=(spec.work_root.parent, spec.work_root),
+        tmp_size=spec.memory_limit or _isolation.DEFAULT_TMP_SIZE,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _read_only(work_root: Path, python: str, extra: tuple[Path, ...]) -> tuple[Path, ...]:
+    """What a sandbox may read besides the system: the import root and what it links to,
+    the interpreter's prefixes, the template's extra paths."""
+    import_root = runtime_import_root(work_root)
+    package = import_root / "ppio_sandbox"
+    read_only = [import_root, *extra, *_isolation.python_dirs(python)]
+    for link in (package / "agent_runtime", package / "client"):
+        if link.is_symlink():
+            read_only.append(link.resolve())
+    return tuple(read_only)
 
 
 def spawn(
-    spec: ProcessSpec, argv: list[str], env: dict[str, str], workdir: Path
+    spec: ProcessSpec, launch: Launch, argv: list[str], env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    """Start the process (blocking: fork + exec): own session, limits, log file.
+    """Start the process (blocking: vfork + exec): own session, walls, limits, log.
 
-    ``subprocess.Popen`` rather than ``anyio.open_process`` because the
-    limits need ``preexec_fn``, which anyio does not take. The preexec
-    function only calls ``setrlimit``/``sched_setaffinity`` (no locks, no
-    imports), which is what makes it safe in a threaded parent.
+    The fork happens in the spawner thread (see the module docstring); the
+    set-up between fork and the program is an exec chain (:func:`_exec_chain`)
+    or, on hosts without util-linux, ``preexec_fn``. So Popen returns once
+    the first program runs, and a program that is missing is reported here.
     """
-    log_path = workdir / PRIVATE_DIR / LOG_NAME
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            argv,
+    program = argv[0]
+    if "/" in program and not os.path.isabs(program):
+        program = str(launch.workdir / program)
+    if shutil.which(program, path=env.get("PATH")) is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+    setup = _child_setup(spec, launch)
+    chain = _exec_chain(setup)
+    full = (chain or []) + command_argv(spec, launch, argv)
+    preexec = _preexec(setup) if chain is None else None
+    return _spawner.run(
+        lambda: subprocess.Popen(
+            full,
             stdin=subprocess.DEVNULL,
-            stdout=log,
+            stdout=launch.log_fd,
             stderr=subprocess.STDOUT,
-            cwd=workdir,
+            cwd=launch.workdir,
             env=env,
             start_new_session=True,
-            preexec_fn=_limits_preexec(spec.memory_limit, _choose_cpus(spec.cpu_limit)),
+            preexec_fn=preexec,
         )
+    )
+
+
+_T = TypeVar("_T")
+
+
+class _Spawner:
+    """One daemon thread, started on first use, that never exits: it does every fork."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]]]
+        self._jobs = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, job: Callable[[], _T]) -> _T:
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="ppio-sandbox-spawner", daemon=True
+                )
+                self._thread.start()
+        self._jobs.put((future, job))
+        return future.result()
+
+    def _serve(self) -> None:
+        while True:
+            future, job = self._jobs.get()
+            try:
+                future.set_result(job())
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)
+
+
+_spawner = _Spawner()
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -432,10 +735,16 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def describe_exit(returncode: int | None) -> str:
-    """``"was killed by SIGKILL"``, ``"exited with code 1"``, ``"is still running"``."""
+def describe_exit(returncode: int | None, *, wrapped: bool = False) -> str:
+    """``"was killed by SIGKILL"``, ``"exited with code 1"``, ``"is still running"``.
+
+    ``wrapped``: the process is bwrap, which exits with 128 + n when the
+    agent was killed by signal n.
+    """
     if returncode is None:
         return "is still running"
+    if wrapped and 128 < returncode < 128 + 65:
+        returncode = 128 - returncode
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name

@@ -25,10 +25,21 @@ without ``event: done``, and report a streaming failure as an ordinary data
 chunk: a reply that is not shaped like the envelope is the result itself, a
 stream that ends cleanly is complete, and such error chunks are passed on.
 
+Walls (:mod:`._isolation`, docs/sandboxing.md): by default
+(``isolation="auto"``) each sandbox runs under bubblewrap in its own mount,
+PID, IPC, UTS and network namespaces (``network=True`` shares the host's
+network), sees a read-only minimum of the host plus its own working
+directory, runs as a uid of its own, and is limited by a cgroup of its own
+(memory, CPU quota, process count, freezer for pause). Where the host lacks
+a wall the provider falls back (RLIMITs, CPU affinity, SIGSTOP) and logs
+one WARNING naming each missing wall; ``isolation="bwrap"`` refuses to run
+without namespaces, ``isolation="none"`` builds no wall at all.
+
 Orphans: ``close()`` (and the provider's ``aclose()``) end every process
-they started, but a sandbox outlives an orchestrator that is SIGKILLed: it
-runs in its own session, and ``PR_SET_PDEATHSIG`` cannot help because it
-fires when the *thread* that forked exits, here an anyio worker thread.
+they started, and a sandbox dies with its orchestrator even when that is
+SIGKILLed: one long-lived thread forks every sandbox with
+``PR_SET_PDEATHSIG`` (see :mod:`._process_spawn`), and bwrap's
+``--die-with-parent`` takes the namespace down with bwrap.
 
 Example::
 
@@ -58,6 +69,7 @@ import anyio
 
 from ppio_sandbox.agent_runtime.errors import SandboxCrashedError, ServiceUnavailableError
 
+from . import _isolation
 from ._process_sandbox import ProcessSandbox
 from ._process_spawn import ProcessSpec
 from .base import Sandbox, SandboxProvider
@@ -71,6 +83,10 @@ class ProcessSandboxProvider(SandboxProvider):
     """Creates a template's process sandboxes and keeps ``warm_pool`` of them launched.
 
     Arguments as for :class:`ProcessSandbox`, plus ``warm_pool``.
+
+    :meth:`open` detects the host's walls (once per process) and logs the
+    missing ones; with ``isolation="bwrap"`` on a host without bwrap it
+    raises SandboxCrashedError instead of starting anything.
 
     The pool needs no background task, so :meth:`open`, :meth:`create` and
     :meth:`aclose` may be called from any task. :meth:`open` *launches*
@@ -104,6 +120,11 @@ class ProcessSandboxProvider(SandboxProvider):
         python: str = sys.executable,
         bind: Literal["unix", "tcp"] = "unix",
         close_grace: float = 3.0,
+        isolation: _isolation.Level = "auto",
+        network: bool = False,
+        pids_limit: int | None = _isolation.DEFAULT_PIDS_LIMIT,
+        uid_range: tuple[int, int] = _isolation.DEFAULT_UID_RANGE,
+        read_only_paths: Sequence[Path] = (),
     ) -> None:
         if warm_pool < 0:
             raise ValueError("warm_pool must be >= 0")
@@ -119,8 +140,15 @@ class ProcessSandboxProvider(SandboxProvider):
             python=python,
             bind=bind,
             close_grace=close_grace,
+            isolation=isolation,
+            network=network,
+            pids_limit=pids_limit,
+            uid_range=uid_range,
+            read_only_paths=tuple(Path(p) for p in read_only_paths),
         )
         self.warm_pool = warm_pool
+        self.plan: _isolation.Plan | None = None
+        """The walls this template's sandboxes get, once :meth:`open` has run."""
         self.last_error: str | None = None
         """The last reason a warm process failed, for the template's status."""
         self._pool: collections.deque[ProcessSandbox] = collections.deque()
@@ -141,6 +169,7 @@ class ProcessSandboxProvider(SandboxProvider):
             "launching": self._launching,
             "pids": [sandbox.pid for sandbox in self._pool],
             "last_error": self.last_error,
+            "isolation": self.plan.describe() if self.plan is not None else None,
         }
 
     async def __aenter__(self) -> ProcessSandboxProvider:
@@ -160,8 +189,26 @@ class ProcessSandboxProvider(SandboxProvider):
         if self._closed:
             raise ServiceUnavailableError("sandbox provider is closed")
         if not self._opened:
+            await self._make_plan()
             self._opened = True
             await self._refill()
+
+    async def _make_plan(self) -> None:
+        spec = self.spec
+        try:
+            self.plan = await anyio.to_thread.run_sync(
+                lambda: _isolation.make_plan(
+                    spec.isolation,
+                    network=spec.network,
+                    bind=spec.bind,
+                    memory_limit=spec.memory_limit,
+                    cpu_limit=spec.cpu_limit,
+                    pids_limit=spec.pids_limit,
+                )
+            )
+        except _isolation.IsolationUnavailable as exc:
+            self.last_error = str(exc)
+            raise SandboxCrashedError(str(exc)) from exc
 
     async def create(self, session_id: str, env_vars: dict[str, str] | None = None) -> Sandbox:
         """A started sandbox for ``session_id``: from the warm pool when possible."""

@@ -146,6 +146,7 @@ async def test_environment_is_scrubbed(work_root: Path, monkeypatch: pytest.Monk
         allowed = {"PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "PYTHONUNBUFFERED"}
         allowed |= {"PPIO_AGENT_BIND", "PPIO_SESSION_ID", "FROM_TEMPLATE", "FROM_SESSION"}
         allowed |= {"SHARED", "LC_CTYPE"}  # LC_CTYPE: Python's own C-locale coercion
+        allowed |= {"MALLOC_ARENA_MAX", "PWD"}  # PWD: bwrap sets it with --chdir
         assert set(env) <= allowed
         assert "ops_agent.py" in seen["files"]  # a copy of the template
 
@@ -340,23 +341,46 @@ async def test_start_failure_of_a_missing_command(work_root: Path) -> None:
 async def test_memory_limit_fails_a_turn_that_allocates_too_much(work_root: Path) -> None:
     async with started(work_root, memory_limit=256 * MiB) as sandbox:
         assert sandbox.pid is not None
+        cgroup = sandbox.cgroup
+        if cgroup is not None and cgroup.plan.memory is not None:
+            # A memory cgroup limits the whole sandbox: past it the kernel kills it.
+            name = "memory.max" if cgroup.plan.memory.version == 2 else "memory.limit_in_bytes"
+            limit_file = cgroup.plan.memory.base / cgroup.name / name
+            assert int(await anyio.Path(limit_file).read_text()) == 256 * MiB
+            assert await sandbox.invoke(call({"op": "alloc", "bytes": 16 * MiB})) == 16 * MiB
+            with pytest.raises(SandboxCrashedError, match="out of memory"):
+                await sandbox.invoke(call({"op": "alloc", "bytes": 2048 * MiB}))
+            assert not sandbox.alive
+            return
+        # Without one, RLIMIT_AS: the allocation fails cleanly inside the agent.
         limits = await anyio.Path(f"/proc/{sandbox.pid}/limits").read_text()
         assert str(256 * MiB) in next(x for x in limits.splitlines() if "address space" in x)
         with pytest.raises(InvocationError, match="MemoryError"):
             await sandbox.invoke(call({"op": "alloc", "bytes": 2048 * MiB}))
-        # The allocation failed cleanly inside the agent: the process lives on.
         assert sandbox.alive
         assert await sandbox.invoke(call({"op": "alloc", "bytes": 16 * MiB})) == 16 * MiB
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.anyio
-async def test_cpu_limit_pins_the_process_to_that_many_cores(work_root: Path) -> None:
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs at least two CPUs")
+async def test_cpu_limit_is_a_quota_or_pins_the_process_to_that_many_cores(
+    work_root: Path,
+) -> None:
     async with started(work_root, cpu_limit=0.5) as sandbox:
         assert sandbox.pid is not None
-        assert len(os.sched_getaffinity(sandbox.pid)) == 1
+        cgroup = sandbox.cgroup
+        if cgroup is not None and cgroup.plan.cpu is not None:
+            directory = anyio.Path(cgroup.plan.cpu.base / cgroup.name)
+            if cgroup.plan.cpu.version == 2:
+                assert (await (directory / "cpu.max").read_text()).split() == ["50000", "100000"]
+            else:
+                assert int(await (directory / "cpu.cfs_quota_us").read_text()) == 50_000
+                assert int(await (directory / "cpu.cfs_period_us").read_text()) == 100_000
+            assert str(sandbox.pid) in await (directory / "cgroup.procs").read_text()
+        elif len(os.sched_getaffinity(0)) >= 2:
+            assert len(os.sched_getaffinity(sandbox.pid)) == 1
+        else:
+            assert os.sched_getaffinity(sandbox.pid) == os.sched_getaffinity(0)
 
 
 @pytest.mark.anyio
