@@ -4,7 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench clean
+.PHONY: demo test lint typecheck check bench clean system-deps
+
+# Debian packages the tests use, as PACKAGE:PROGRAM (see scripts/ensure-debian-packages):
+# bubblewrap and setpriv build the process sandboxes' walls (docs/sandboxing.md).
+DEBIAN_PACKAGES := bubblewrap:bwrap util-linux:setpriv
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found %s); set PYTHON=python3.11" % sys.version.split()[0])'
@@ -18,7 +22,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m examples.demo
 
-test: $(STAMP)
+system-deps:
+	@scripts/ensure-debian-packages $(DEBIAN_PACKAGES)
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
