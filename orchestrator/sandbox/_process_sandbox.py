@@ -308,6 +308,8 @@ class ProcessSandbox(Sandbox):
                 )
             except _isolation.IsolationUnavailable as exc:
                 raise SandboxCrashedError(str(exc)) from exc
+            except (OSError, RuntimeError) as exc:  # no uid left, a cgroup refused...
+                raise SandboxCrashedError(f"could not prepare the sandbox: {exc}") from exc
         self._launch = launch
         if spec.bind == "tcp":
             self._address = f"127.0.0.1:{_spawn.free_tcp_port()}"

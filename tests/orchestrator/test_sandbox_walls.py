@@ -239,6 +239,27 @@ async def test_another_sessions_files_are_out_of_reach_even_through_a_leaked_bin
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.anyio
+async def test_two_sandboxes_never_share_a_uid(
+    data_dir: Path, host: _isolation.HostSupport
+) -> None:
+    one = (_isolation.DEFAULT_UID_RANGE[0] + 60_000, 1)  # a range of one uid
+    async with sandbox(data_dir, uid_range=one) as first:
+        if host.setpriv is None:
+            assert first.uid is None
+            return
+        assert first.uid == one[0]
+        second = ProcessSandbox(
+            AGENTS, "walls_agent.py", work_root=data_dir / "sandboxes", uid_range=one
+        )
+        with pytest.raises(SandboxCrashedError, match="no free sandbox uid"):
+            await second.start()
+        assert second.workdir is None or not second.workdir.exists()
+    async with sandbox(data_dir, uid_range=one) as third:  # released at close
+        assert third.uid == one[0]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
 async def test_the_network_is_off_unless_the_template_turns_it_on(
     data_dir: Path, host: _isolation.HostSupport, caplog: pytest.LogCaptureFixture
 ) -> None:
