@@ -298,19 +298,23 @@ class ProcessSandbox(Sandbox):
             raise
 
     async def _spawn(self) -> None:
-        spec = self.spec
-        # Shielded thread hops: a cancellation arriving while the thread runs
-        # must not lose its result (a directory, a uid, a process) before we own it.
+        # One shielded thread hop for all the blocking work: a cancellation
+        # arriving meanwhile must not lose its result (a directory, a uid, a
+        # process) before we own it; what it made is on ``self`` for close().
         with anyio.CancelScope(shield=True):
-            try:
-                launch = await anyio.to_thread.run_sync(
-                    _spawn.prepare_launch, spec, self.session_id or "warm"
-                )
-            except _isolation.IsolationUnavailable as exc:
-                raise SandboxCrashedError(str(exc)) from exc
-            except (OSError, RuntimeError) as exc:  # no uid left, a cgroup refused...
-                raise SandboxCrashedError(f"could not prepare the sandbox: {exc}") from exc
-        self._launch = launch
+            await anyio.to_thread.run_sync(self._prepare_and_spawn)
+        self._deadline = anyio.current_time() + self.spec.start_timeout
+        await anyio.lowlevel.checkpoint()  # deliver a cancellation that waited
+
+    def _prepare_and_spawn(self) -> None:
+        """Copy, lease, create the cgroup, build the client, spawn (in a worker thread)."""
+        spec = self.spec
+        try:
+            launch = self._launch = _spawn.prepare_launch(spec, self.session_id or "warm")
+        except _isolation.IsolationUnavailable as exc:
+            raise SandboxCrashedError(str(exc)) from exc
+        except (OSError, RuntimeError) as exc:  # no uid left, a cgroup refused...
+            raise SandboxCrashedError(f"could not prepare the sandbox: {exc}") from exc
         if spec.bind == "tcp":
             self._address = f"127.0.0.1:{_spawn.free_tcp_port()}"
             transport = httpx.AsyncHTTPTransport(limits=_LIMITS, verify=False)
@@ -336,12 +340,9 @@ class ProcessSandbox(Sandbox):
             argv += ["--bind", self._address]
         self._client = httpx.AsyncClient(transport=transport, base_url=base_url, timeout=_TIMEOUT)
         try:
-            with anyio.CancelScope(shield=True):
-                self._proc = await anyio.to_thread.run_sync(_spawn.spawn, spec, launch, argv, env)
+            self._proc = _spawn.spawn(spec, launch, argv, env)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             raise SandboxCrashedError(f"could not start {argv[0]!r}: {exc}") from exc
-        self._deadline = anyio.current_time() + spec.start_timeout
-        await anyio.lowlevel.checkpoint()  # deliver a cancellation that waited
 
     async def _wait_ready(self) -> None:
         proc, client, launch = self._proc, self._client, self._launch
