@@ -56,6 +56,20 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--grace", type=float, default=30.0, help="seconds to drain turns on SIGTERM")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a request's headers (default 10; 0: no deadline); "
+        "idle keep-alive connections are kept 75 s",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a client has to send a request's body once its headers are in "
+        "(default 60; 0: no deadline)",
+    )
 
 
 _EXAMPLES = """\
@@ -115,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trust_uploads=args.trust_uploads,
         grace=args.grace,
         log_level=args.log_level,
+        header_timeout=args.header_timeout or None,
+        body_timeout=args.body_timeout or None,
     )
     return serve_blocking(options)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio
+
 from ppio_sandbox.agent_runtime.errors import (
     NotFoundError,
     PPIOAgentRuntimeError,
@@ -18,6 +20,7 @@ from ppio_sandbox.agent_runtime.errors import (
     ValidationError,
 )
 
+from ._hypercorn import BODY_TIMEOUT_KEY
 from .auth import Authenticator
 from .host import Orchestrator
 from .hotpath import InvocationHandler
@@ -28,6 +31,17 @@ __all__ = ["FrontDoor"]
 logger = logging.getLogger("ppio_sandbox.orchestrator")
 
 _OPEN_PATHS = ("/ping", "/healthz")
+
+_DRAIN_BYTES = 16 * 1024 * 1024
+_DRAIN_SECONDS = 5.0
+"""An over-limit body is read and dropped, up to this many more bytes and seconds,
+before its 413 is sent: see :func:`_drain`."""
+
+
+class RequestTimeoutError(ValidationError):
+    """408: the request's body did not arrive within the server's ``body_timeout``."""
+
+    status_code = 408
 
 
 def _route_label(path: str) -> str:
@@ -137,6 +151,11 @@ class FrontDoor:
         await self.api(scope, replay, send)
 
     async def _read_body(self, scope: dict[str, Any], receive: Any, limit: int) -> bytes:
+        """The whole body, at most ``limit`` bytes; a 413, 408 or 400 ``_Reply`` otherwise.
+
+        The server bounds the time (``body_timeout``, see :mod:`._hypercorn`): an
+        overdue body ends in a disconnect message that says so, answered 408.
+        """
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -144,6 +163,7 @@ class FrontDoor:
                 except ValueError:
                     raise _Reply(ValidationError("invalid Content-Length")) from None
                 if declared > limit:
+                    await _drain(receive)
                     raise _Reply(RequestTooLargeError(f"body exceeds {limit} bytes"))
                 break
         chunks: list[bytes] = []
@@ -151,10 +171,17 @@ class FrontDoor:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                seconds = message.get(BODY_TIMEOUT_KEY)
+                if seconds is not None:
+                    raise _Reply(
+                        RequestTimeoutError(f"the request body did not arrive within {seconds:g} s")
+                    )
                 raise _Reply(ValidationError("client disconnected while sending the body"))
             part = message.get("body", b"")
             size += len(part)
             if size > limit:
+                if message.get("more_body", False):
+                    await _drain(receive)
                 raise _Reply(RequestTooLargeError(f"body exceeds {limit} bytes"))
             chunks.append(part)
             if not message.get("more_body", False):
@@ -221,3 +248,25 @@ class FrontDoor:
             out.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": error.status_code, "headers": out})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _drain(receive: Any) -> None:
+    """Read and drop the rest of an over-limit body, so the client can read its 413.
+
+    hypercorn closes a connection as soon as a reply is sent before its
+    request's body was read, and closing a socket with unread data makes the
+    kernel reset the connection: a client still sending (chunked, or a
+    ``Content-Length`` over the limit) got a reset instead of the 413, which
+    the reset discards. Reading the body to its end first lets the client
+    finish writing and read the reply. The drain is bounded: at most
+    ``_DRAIN_BYTES`` and ``_DRAIN_SECONDS``, then the 413 goes out anyway.
+    """
+    dropped = 0
+    with anyio.move_on_after(_DRAIN_SECONDS):
+        while dropped <= _DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            dropped += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return

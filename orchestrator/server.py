@@ -51,6 +51,12 @@ class ServeOptions:
     environ: dict[str, str] | None = None
     limits: SessionLimits | None = None
     stream_resume_grace: float = 10.0
+    header_timeout: float | None = 10.0
+    """Seconds a client has to send a request's headers, counted from the connection's
+    start or the request's first byte (None: no deadline); idle keep-alive connections
+    between requests last ``KEEP_ALIVE_TIMEOUT``. See :mod:`._hypercorn`."""
+    body_timeout: float | None = 60.0
+    """Seconds a client has to send a request's body once its headers are in (then a 408)."""
     tune_gc: bool = False
     """Tune the process's garbage collector for many long-lived sessions (see
     :func:`tune_gc`); :func:`serve_blocking`, which owns the process, sets it."""
@@ -112,9 +118,10 @@ async def run(
     ``task_status.started(host)`` is reported once the listening socket is
     bound and listens: a connection made from then on is queued and served.
     """
-    from hypercorn.config import Config
     from hypercorn.utils import wrap_app
 
+    from ._hypercorn import Config
+    from ._hypercorn import install as install_deadlines
     from .api import create_api
     from .frontend import FrontDoor
     from .metrics import OrchestratorMetrics
@@ -158,6 +165,11 @@ async def run(
         # seconds), and queue bursts of new ones rather than refuse them.
         hc.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
         hc.backlog = BACKLOG
+        # hypercorn has no deadlines on reading a request: a slow client held
+        # its connection for the whole keep-alive timeout, or for ever.
+        install_deadlines()
+        hc.header_timeout = options.header_timeout
+        hc.body_timeout = options.body_timeout
         # Turns are drained by the orchestrator while HTTP still answers (so a
         # turn cut off at the end of the grace gets a 503 envelope); hypercorn
         # then only has replies in flight to finish.
