@@ -8,6 +8,7 @@ ASGI and ``str`` for httpx.
 from __future__ import annotations
 
 import enum
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -100,20 +101,34 @@ def body_decoder(content_type: bytes) -> Callable[[bytes], Any]:
     )
 
 
+# Every integer outside msgpack's range has at least 19 digits.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
 def decode_payload(decode: Callable[[bytes], Any], body: bytes) -> dict[str, Any]:
     """An invocation body as the dict an agent receives; 400 with a clear reason otherwise.
 
     A bare JSON string is taken as the prompt (``curl -d '"hi"'`` works);
-    arrays, numbers, null and booleans are refused.
+    arrays, numbers, null and booleans are refused. So are JSON integers
+    outside ``-2**63 .. 2**64 - 1``: msgpack cannot carry them, so a reply,
+    a session view or a checkpoint holding one would fail later (a 500).
     """
     if not body:
         raise ValidationError('empty body; send a JSON object such as {"prompt": "hi"}')
     try:
         payload = decode(body)
+        if decode is decode_json and _LONG_DIGITS.search(body):
+            encode_msgpack(payload)  # the precise check, only for bodies with long numbers
     except UnicodeDecodeError:
         raise ValidationError("body is not valid UTF-8") from None
     except RecursionError:
         raise ValidationError("body is nested too deeply") from None
+    except OverflowError:
+        where = (_huge_int_at(payload) or "a value")[:200]
+        raise ValidationError(
+            f"{where} is an integer outside -2**63 .. 2**64-1, which msgpack cannot carry; "
+            "send it as a string"
+        ) from None
     except (msgspec.DecodeError, ValueError) as exc:
         raise ValidationError(f"malformed body: {exc}") from None
     if isinstance(payload, dict):
@@ -123,6 +138,21 @@ def decode_payload(decode: Callable[[bytes], Any], body: bytes) -> dict[str, Any
     raise ValidationError(
         f"body must be a JSON object (or a string, taken as the prompt), not {_json_kind(payload)}"
     )
+
+
+def _huge_int_at(value: Any) -> str | None:
+    """Where in a decoded body the first integer msgpack cannot carry is (``a.b[2]``)."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not -(2**63) <= item < 2**64:
+                return path or "the body"
+        elif isinstance(item, dict):
+            stack += [(f"{path}.{k}" if path else str(k), v) for k, v in reversed(item.items())]
+        elif isinstance(item, list):
+            stack += [(f"{path}[{i}]", v) for i, v in reversed(list(enumerate(item)))]
+    return None
 
 
 def _json_kind(value: Any) -> str:
