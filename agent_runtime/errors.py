@@ -204,9 +204,20 @@ class SandboxCrashedError(PPIOAgentRuntimeError):
 
 
 class ServiceUnavailableError(PPIOAgentRuntimeError):
-    """Not ready yet, or shutting down (503)."""
+    """Not ready yet, shutting down, or the session is moving between nodes (503).
+
+    ``retry_after`` (seconds, sent as ``Retry-After``) when a retry is expected to work.
+    """
 
     status_code = 503
+
+    def __init__(
+        self, message: str = "", *, retry_after: float | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+        if retry_after is not None:
+            self.details.setdefault("retry_after", retry_after)
 
 
 class InvocationTimeoutError(PPIOAgentRuntimeError):
@@ -248,6 +259,10 @@ def error_from_envelope(status: int, body: Any) -> PPIOAgentRuntimeError:
         message = body["message"]
     cls = error_class_for(error_type, status)
     exc = cls(message, request_id=request_id, details=details)
-    if isinstance(exc, TooManyRequestsError) and details and "retry_after" in details:
+    if (
+        isinstance(exc, (TooManyRequestsError, ServiceUnavailableError))
+        and details
+        and isinstance(details.get("retry_after"), (int, float))
+    ):
         exc.retry_after = float(details["retry_after"])
     return exc

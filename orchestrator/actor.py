@@ -13,8 +13,8 @@ with :func:`read_batches`; the actor publishes progress with :func:`notify`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -30,10 +30,16 @@ from ppio_sandbox.agent_runtime.errors import (
 from .sandbox.base import Sandbox, TurnCall
 from .session_core import SessionCore, Turn, TurnOutcome
 
-if TYPE_CHECKING:
-    from .host import Orchestrator
-
-__all__ = ["PASSIVATE_AFTER", "STREAM_WINDOW", "Session", "notify", "read_batches", "wait_started"]
+__all__ = [
+    "PASSIVATE_AFTER",
+    "STREAM_WINDOW",
+    "ActorHost",
+    "Session",
+    "TurnRunner",
+    "notify",
+    "read_batches",
+    "wait_started",
+]
 
 PASSIVATE_AFTER = 5.0
 """Seconds an actor task waits for a new turn before it passivates."""
@@ -53,10 +59,12 @@ class Session:
 
     __slots__ = (
         "active",
+        "changes",
         "core",
         "env_vars",
         "metadata",
         "sandbox",
+        "saved",
         "state",
         "template_id",
         "tenant",
@@ -81,6 +89,8 @@ class Session:
         self.state: dict[str, Any] | None = None  # context.state, created on first turn
         self.active = False  # an actor task is running for this session
         self.wake: anyio.Event | None = None
+        self.changes = 0  # changes worth a checkpoint so far
+        self.saved = 0  # ... of which the store has this many
 
     @property
     def session_id(self) -> str:
@@ -142,10 +152,30 @@ async def read_batches(
         await _changed(turn)
 
 
+class ActorHost(Protocol):
+    """What an actor needs from the node hosting it (:class:`.session_host.SessionHost`)."""
+
+    clock: Callable[[], float]
+
+    def activate(self, session: Session) -> None: ...
+
+    def passivated(self, session: Session) -> None: ...
+
+    def turn_timeout(self, session: Session) -> float: ...
+
+    def turn_started(self) -> None: ...
+
+    def turn_finished(self, session: Session, turn: Turn, outcome: TurnOutcome) -> None: ...
+
+    def crash_verdict(self, session: Session) -> tuple[bool, str | None]: ...
+
+    async def replace_sandbox(self, session: Session, restart: bool) -> None: ...
+
+
 class TurnRunner:
     """Runs the turns of active sessions; one call of :meth:`run` is one actor task."""
 
-    def __init__(self, host: Orchestrator) -> None:
+    def __init__(self, host: ActorHost) -> None:
         self.host = host
 
     async def run(self, session: Session) -> None:
@@ -165,6 +195,7 @@ class TurnRunner:
                     await session.wake.wait()
                 session.wake = None
                 if quiet.cancelled_caught:
+                    self.host.passivated(session)
                     return  # passivate: the record lives on; a new turn reactivates
         finally:
             session.active = False

@@ -23,7 +23,7 @@ from ppio_sandbox.agent_runtime.errors import (
 
 from ._validate import check_session_id, check_timeout_seconds
 from .host import Orchestrator
-from .wire import decode_object, encode_reply, session_view, template_view
+from .wire import decode_object, encode_reply, record_view, session_view, template_view
 
 __all__ = ["create_api"]
 
@@ -171,40 +171,43 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
 
     @app.get("/v1/sessions")
     async def list_sessions() -> Response:
-        return reply({"sessions": [view(s) for s in host.list_sessions(tenant())]})
+        owner = tenant()
+        resident = [view(s) for s in host.list_sessions(owner)]
+        dormant = [record_view(r) for r in await host.list_dormant(owner)]
+        return reply({"sessions": resident + dormant})
 
     @app.get("/v1/sessions/<session_id>")
     async def get_session(session_id: str) -> Response:
-        return reply(view(host.get_session(tenant(), session_id)))
+        return reply(view(await host.open_session(tenant(), session_id)))
 
     @app.delete("/v1/sessions/<session_id>")
     async def close_session(session_id: str) -> Response:
-        session = host.get_session(tenant(), session_id)
+        session = await host.open_session(tenant(), session_id)
         await host.close_session(session, "closed by the caller")
         return reply(view(session))
 
     @app.post("/v1/sessions/<session_id>/pause")
     async def pause_session(session_id: str) -> Response:
-        session = host.get_session(tenant(), session_id)
+        session = await host.open_session(tenant(), session_id)
         await host.pause(session)
         return reply(view(session))
 
     @app.post("/v1/sessions/<session_id>/resume")
     async def resume_session(session_id: str) -> Response:
-        session = host.get_session(tenant(), session_id)
+        session = await host.open_session(tenant(), session_id)
         await host.resume(session)
         return reply(view(session))
 
     @app.route("/v1/sessions/<session_id>/timeout", methods=["POST", "PUT"])
     async def set_timeout(session_id: str) -> Response:
-        session = host.get_session(tenant(), session_id)
+        session = await host.open_session(tenant(), session_id)
         body = await body_object()
         host.set_timeout(session, check_timeout_seconds(body.get("timeout_seconds")))
         return reply(view(session))
 
     @app.get("/v1/sessions/<session_id>/ping")
     async def ping_session(session_id: str) -> Response:
-        session = host.get_session(tenant(), session_id)
+        session = await host.open_session(tenant(), session_id)
         if session.sandbox is None:
             raise ValidationError(f"session {session_id} has no running sandbox")
         return reply({"session_id": session_id, **(await session.sandbox.ping())})

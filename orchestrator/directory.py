@@ -33,6 +33,10 @@ class SessionDirectory(abc.ABC):
         """Forget a live session, remembering why it ended (no tombstone if ``reason`` is None)."""
 
     @abc.abstractmethod
+    def add_tombstone(self, tenant: str, session_id: str, reason: str) -> None:
+        """Remember why a session that is not live here ended."""
+
+    @abc.abstractmethod
     def end_reason(self, tenant: str, session_id: str) -> str | None:
         """Why the tenant's session ended, if it is remembered."""
 
@@ -65,7 +69,10 @@ class InMemorySessionDirectory(SessionDirectory):
         key = (tenant, session_id)
         if self._live.pop(key, None) is None or reason is None:
             return
-        self._ended[key] = reason
+        self.add_tombstone(tenant, session_id, reason)
+
+    def add_tombstone(self, tenant: str, session_id: str, reason: str) -> None:
+        self._ended[(tenant, session_id)] = reason
         while len(self._ended) > self._max_tombstones:
             self._ended.popitem(last=False)
 

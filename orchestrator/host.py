@@ -1,14 +1,15 @@
-"""The orchestrator: templates, sandbox providers, session actors and their lifetimes.
+"""The orchestrator of one node: its templates and the sessions it hosts.
 
 HTTP-free: the front end (``api.py``, ``hotpath.py``) calls these methods.
 ``async with Orchestrator(config) as host:`` owns one task group in which
-every actor task, the expiry reaper and template builds run.
+every actor task, the expiry reaper, the checkpoint writer and template
+builds run. Sessions live in :class:`.session_host.SessionHost`; this class
+holds the templates (their store, sandbox providers and builds) and hands the
+session host what it needs of them.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import secrets
 import time
@@ -21,23 +22,17 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ppio_sandbox.agent_runtime.errors import (
-    InvocationCancelledError,
-    PPIOAgentRuntimeError,
-    SandboxCrashedError,
-    ServiceUnavailableError,
-    SessionNotFoundError,
-    TemplateNotFoundError,
-    ValidationError,
-)
+from ppio_sandbox.agent_runtime.errors import TemplateNotFoundError
 
 from ._policy import SandboxPolicy
-from ._validate import check_session_id, check_timeout_seconds
-from .actor import Session, TurnRunner, notify
-from .directory import InMemorySessionDirectory, SessionDirectory
+from .actor import Session
+from .checkpoints import Durability
+from .directory import SessionDirectory
 from .sandbox.base import SandboxProvider
 from .sandbox.inprocess import InProcessSandboxProvider
-from .session_core import Admission, SessionCore, SessionLimits, Strategy, Turn, TurnOutcome
+from .session_core import Admission, SessionLimits, Strategy, Turn
+from .session_host import Ownership, SessionHost
+from .state_store import SessionRecord, SQLiteStateStore, StateStore
 
 __all__ = ["SHARED_TENANT", "Orchestrator", "OrchestratorConfig"]
 
@@ -63,50 +58,10 @@ class OrchestratorConfig:
     """Override every process template's warm pool size."""
     trust_uploads: bool = False
     """Let tenants' uploads run in-process (``serve --trust-uploads``); see :mod:`._policy`."""
-
-
-class _Reaper:
-    """Closes sessions at their deadline: one task, one heap, lazy re-checks."""
-
-    def __init__(self, host: Orchestrator) -> None:
-        self.host = host
-        self.heap: list[tuple[float, int, Session]] = []
-        self.seq = itertools.count()
-        self.wake = anyio.Event()
-        self.next_at = float("inf")
-
-    def track(self, session: Session) -> None:
-        deadline = session.core.deadline()
-        heapq.heappush(self.heap, (deadline, next(self.seq), session))
-        if len(self.heap) > 2 * len(self.host.directory) + 1024:
-            self._compact()
-        if deadline < self.next_at:
-            self.wake.set()
-
-    def _compact(self) -> None:
-        # Entries of closed sessions (and stale deadlines) are dropped lazily
-        # when due; under churn they would pile up for a whole idle timeout.
-        self.heap = [(s.core.deadline(), next(self.seq), s) for s in self.host.directory]
-        heapq.heapify(self.heap)
-
-    async def run(self) -> None:
-        host = self.host
-        while True:
-            now = host.clock()
-            while self.heap and self.heap[0][0] <= now:
-                _, _, session = heapq.heappop(self.heap)
-                core = session.core
-                if core.ended:
-                    continue
-                reason = core.expiry_reason(now)
-                if reason is not None:
-                    host.spawn(host.close_session, session, reason)
-                else:
-                    heapq.heappush(self.heap, (core.deadline(), next(self.seq), session))
-            self.next_at = self.heap[0][0] if self.heap else float("inf")
-            self.wake = anyio.Event()
-            with anyio.move_on_after(max(0.0, min(self.next_at - host.clock(), 3600.0))):
-                await self.wake.wait()
+    durability: Durability = Durability.INTERVAL
+    """When sessions are checkpointed (see :mod:`.checkpoints`)."""
+    checkpoint_interval: float = 1.0
+    """Seconds between checkpoint rounds with ``interval`` durability."""
 
 
 class Orchestrator:
@@ -118,27 +73,41 @@ class Orchestrator:
         *,
         templates: Any = None,
         directory: SessionDirectory | None = None,
+        store: StateStore | None = None,
+        ownership: Ownership | None = None,
         metrics: Any = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config or OrchestratorConfig()
+        self.config = config = config or OrchestratorConfig()
         self.clock = clock
         self.templates = templates
-        self.directory = directory or InMemorySessionDirectory()
         self.metrics = metrics
-        self.accepting = True
-        self.running_turns = 0
-        self._idle: anyio.Event | None = None  # set up only while draining
+        if store is None and config.durability is not Durability.NONE:
+            store = SQLiteStateStore(
+                config.data_dir / "sessions.sqlite3",
+                durable=config.durability is Durability.TURN,
+            )
+        self.sessions = SessionHost(
+            self,
+            limits=config.limits,
+            start_timeout=config.start_timeout,
+            stream_resume_grace=config.stream_resume_grace,
+            directory=directory,
+            store=store,
+            durability=config.durability,
+            checkpoint_interval=config.checkpoint_interval,
+            ownership=ownership,
+            metrics=metrics,
+            clock=clock,
+        )
+        self.directory = self.sessions.directory
         self._providers: dict[str, SandboxProvider] = {}
         self._provider_locks: dict[str, anyio.Lock] = {}
-        self._creating: dict[tuple[str, str], anyio.Event] = {}
         self._turn_timeouts: dict[str, float] = {}
         self._building: set[tuple[str, str]] = set()
         self._resolved: dict[tuple[str, str], Any] = {}
         self._template_generation = 0
         self.sandbox_policy = SandboxPolicy(trust_uploads=self.config.trust_uploads)
-        self._runner = TurnRunner(self)
-        self._reaper = _Reaper(self)
         self._tg: anyio.abc.TaskGroup | None = None
 
     # -- lifecycle ----------------------------------------------------------
@@ -149,22 +118,16 @@ class Orchestrator:
 
             self.templates = TemplateStore(self.config.data_dir)
         await self.templates.open()
+        await self.sessions.store.open()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._reaper.run)
+        self.sessions.start(self._tg)
         if self.metrics is not None:
-            self.metrics.bind(session_states=self._count_states, mailbox_depth=self._mailbox_depth)
+            self.metrics.bind(
+                session_states=self.sessions.count_states,
+                mailbox_depth=self.sessions.mailbox_depth,
+            )
         return self
-
-    def _count_states(self) -> dict[str, float]:
-        counts: dict[str, float] = {}
-        for session in self.directory:
-            state = session.core.state.value
-            counts[state] = counts.get(state, 0) + 1
-        return counts
-
-    def _mailbox_depth(self) -> float:
-        return float(sum(session.core.queued for session in self.directory))
 
     async def __aexit__(
         self,
@@ -179,34 +142,35 @@ class Orchestrator:
         try:
             return await self._tg.__aexit__(exc_type, exc, tb)
         finally:
-            await self.templates.close()
+            with anyio.CancelScope(shield=True):
+                await self.sessions.store.close()
+                await self.templates.close()
 
     def spawn(self, func: Callable[..., Any], *args: Any) -> None:
         if self._tg is None:
             raise RuntimeError("the orchestrator is not running (use `async with`)")
         self._tg.start_soon(func, *args)
 
-    async def drain(self, grace: float | None = None) -> None:
-        """Stop admitting, let running turns finish for ``grace`` s, end every session.
+    @property
+    def accepting(self) -> bool:
+        return self.sessions.accepting
 
-        Turns still waiting or running when the grace is over answer 503
-        ``ServiceUnavailableError``; every sandbox is stopped.
+    @accepting.setter
+    def accepting(self, value: bool) -> None:
+        self.sessions.accepting = value
+
+    @property
+    def running_turns(self) -> int:
+        return self.sessions.running_turns
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop admitting, let running turns finish for ``grace`` s, let go of every session.
+
+        Sessions are checkpointed and evicted (closed with ``--durability
+        none``). Turns still waiting or running when the grace is over
+        answer 503 ``ServiceUnavailableError``; every sandbox is stopped.
         """
-        self.accepting = False
-        grace = self.config.shutdown_grace if grace is None else grace
-        if self.running_turns and grace > 0:
-            logger.info("draining %d running turns (up to %.0f s)", self.running_turns, grace)
-            self._idle = idle = anyio.Event()
-            with anyio.move_on_after(grace):
-                await idle.wait()
-        async with anyio.create_task_group() as tg:
-            for session in self.directory:
-                tg.start_soon(
-                    self.close_session,
-                    session,
-                    "closed: the orchestrator shut down",
-                    ServiceUnavailableError,
-                )
+        await self.sessions.drain(self.config.shutdown_grace if grace is None else grace)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """:meth:`drain`, then close every sandbox provider (warm pools)."""
@@ -368,7 +332,16 @@ class Orchestrator:
         for key in [k for k in self._providers if k.startswith(f"{template_id}@")]:
             await self._providers.pop(key).aclose()
 
-    # -- sessions -----------------------------------------------------------
+    # -- the session host's provisioner --------------------------------------
+
+    async def template_by_id(self, template_id: str) -> Any:
+        return await self.templates.get(template_id)
+
+    def turn_timeout(self, template_id: str) -> float:
+        """The template's ``spec.runtime.timeout`` for each turn."""
+        return self._turn_timeouts.get(template_id, 300.0)
+
+    # -- sessions (see SessionHost) -----------------------------------------
 
     async def create_session(
         self,
@@ -380,124 +353,47 @@ class Orchestrator:
         env_vars: dict[str, str] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Session:
-        """Start a session of a deployed template; returns once its sandbox is ready.
-
-        All or nothing: a session that cannot be fully set up is not in the
-        directory and its sandbox is closed.
-        """
-        self._check_accepting()
-        if timeout_seconds is not None:
-            timeout_seconds = check_timeout_seconds(timeout_seconds)
-        sid = check_session_id(session_id) if session_id else "sess-" + secrets.token_hex(8)
-        template = await self.resolve_template(template_id, tenant)
-        if template.phase != "deployed":
-            raise TemplateNotFoundError(f"template {template.id} is {template.phase}, not deployed")
-        key = (tenant, sid)
-        if self.directory.get(tenant, sid) is not None or key in self._creating:
-            raise ValidationError(f"session {sid} already exists")
-        provider = await self.provider_for(template)
-        now = self.clock()
-        core = SessionCore(sid, now=now, limits=self.config.limits, timeout_seconds=timeout_seconds)
-        session = Session(
-            core, tenant=tenant, template_id=template.id, metadata=metadata, env_vars=env_vars
+        """Start a session of a deployed template; returns once its sandbox is ready."""
+        return await self.sessions.create_session(
+            tenant,
+            template_id,
+            session_id=session_id,
+            timeout_seconds=timeout_seconds,
+            env_vars=env_vars,
+            metadata=metadata,
         )
-        ready = self._creating[key] = anyio.Event()
-        try:
-            try:
-                with anyio.fail_after(self.config.start_timeout):
-                    session.sandbox = await provider.create(sid, env_vars)
-            except ValueError as exc:  # e.g. env_vars the sandbox refuses
-                raise ValidationError(str(exc)) from None
-            except TimeoutError:
-                raise ServiceUnavailableError(
-                    f"sandbox for {template.id} did not start in {self.config.start_timeout:g} s"
-                ) from None
-            try:
-                self._count_sandbox_start(provider.kind)
-                core.started(self.clock())
-                self.directory.add(session)
-                self._reaper.track(session)
-            except BaseException:
-                self.directory.remove(tenant, sid, None)
-                with anyio.CancelScope(shield=True):
-                    await session.sandbox.close()
-                raise
-        finally:
-            del self._creating[key]
-            ready.set()
-        return session
 
     async def get_or_create_session(
         self, tenant: str, agent_id: str, session_id: str | None
     ) -> Session:
         """The AgentCore route: the session named by the caller, created on first use."""
-        if session_id:
-            check_session_id(session_id)
-            while (pending := self._creating.get((tenant, session_id))) is not None:
-                await pending.wait()
-            session = self.directory.get(tenant, session_id)
-            if session is not None:
-                session.core.check_alive()
-                return session
-            reason = self.directory.end_reason(tenant, session_id)
-            if reason is not None:
-                raise SessionNotFoundError(f"session {session_id} {reason}")
-        return await self.create_session(tenant, agent_id, session_id=session_id)
+        return await self.sessions.get_or_create_session(tenant, agent_id, session_id)
+
+    async def open_session(self, tenant: str, session_id: str) -> Session:
+        """A live session of the tenant (restored if dormant); 404 naming why it ended."""
+        return await self.sessions.open_session(tenant, session_id)
 
     def get_session(self, tenant: str, session_id: str) -> Session:
-        """A live session of the tenant; 404 naming why it ended otherwise."""
-        session = self.directory.get(tenant, session_id)
-        if session is None:
-            reason = self.directory.end_reason(tenant, session_id)
-            raise SessionNotFoundError(
-                f"session {session_id} {reason}" if reason else f"session {session_id} not found"
-            )
-        session.core.check_alive()
-        return session
+        """A live session of the tenant held in memory; 404 naming why it ended."""
+        return self.sessions.get_session(tenant, session_id)
 
     def list_sessions(self, tenant: str) -> list[Session]:
-        return [s for s in self.directory if s.tenant == tenant]
+        return self.sessions.list_sessions(tenant)
 
-    async def close_session(
-        self,
-        session: Session,
-        reason: str = "closed by the caller",
-        error: type[PPIOAgentRuntimeError] = SessionNotFoundError,
-    ) -> None:
-        """End a session: fail what waits, cancel what runs (with ``error``), stop the sandbox."""
-        core = session.core
-        if core.ended:
-            return
-        running = core.running
-        for turn in core.begin_close(reason, self.clock(), error):
-            notify(turn)
-        if running is not None and running.stop_error is not None and running.cancel is not None:
-            running.cancel()
-        session.kick()
-        self.directory.remove(session.tenant, session.session_id, reason)
-        with anyio.CancelScope(shield=True):
-            if session.sandbox is not None:
-                await session.sandbox.close()
-        core.closed()
-        logger.info("session %s %s", session.session_id, reason)
+    async def list_dormant(self, tenant: str) -> list[SessionRecord]:
+        return await self.sessions.list_dormant(tenant)
+
+    async def close_session(self, session: Session, reason: str = "closed by the caller") -> None:
+        await self.sessions.close_session(session, reason)
 
     async def pause(self, session: Session) -> None:
-        session.core.pause(self.clock())
-        if session.sandbox is not None:
-            await session.sandbox.pause()
+        await self.sessions.pause(session)
 
     async def resume(self, session: Session) -> None:
-        if session.sandbox is not None:
-            await session.sandbox.resume()
-        session.core.resume(self.clock())
-        if session.core.queued:
-            self.activate(session)
+        await self.sessions.resume(session)
 
     def set_timeout(self, session: Session, seconds: object) -> None:
-        session.core.set_timeout(check_timeout_seconds(seconds), self.clock())
-        self._reaper.track(session)
-
-    # -- turns --------------------------------------------------------------
+        self.sessions.set_timeout(session, seconds)
 
     def submit(
         self,
@@ -510,100 +406,20 @@ class Orchestrator:
         strategy: Strategy = Strategy.ENQUEUE,
     ) -> tuple[Admission, Turn]:
         """Admit one invocation; the caller then waits on the returned turn."""
-        self._check_accepting()
-        now = self.clock()
-        turn = Turn(key, body_hash, payload, request_id=request_id, submitted_at=now)
-        core = session.core
-        admission, turn, to_cancel = core.admit(turn, strategy, now)
-        if to_cancel is not None and to_cancel.cancel is not None:
-            error = InvocationCancelledError(f"interrupted by a newer turn (request {request_id})")
-            if core.stop(to_cancel, error):
-                to_cancel.cancel()
-        if admission is Admission.QUEUED:
-            self.activate(session)
-        return admission, turn
-
-    def activate(self, session: Session) -> None:
-        """Make sure an actor task runs the session's mailbox."""
-        if session.core.paused or session.kick():
-            return
-        session.active = True
-        self.spawn(self._runner.run, session)
+        return self.sessions.submit(
+            session,
+            payload,
+            key=key,
+            body_hash=body_hash,
+            request_id=request_id,
+            strategy=strategy,
+        )
 
     def reader_left(self, session: Session, turn: Turn) -> None:
-        """A stream's reader went away; cancel the turn unless one comes back."""
-        turn.readers -= 1
-        if turn.readers == 0 and not turn.done and turn.streaming:
-            self.spawn(self._cancel_orphan, session, turn)
+        self.sessions.reader_left(session, turn)
 
-    async def _cancel_orphan(self, session: Session, turn: Turn) -> None:
-        await anyio.sleep(self.config.stream_resume_grace)
-        if turn.readers == 0 and not turn.done and turn.cancel is not None:
-            error = InvocationCancelledError("the caller disconnected from the stream")
-            if session.core.stop(turn, error):
-                turn.cancel()
-
-    def turn_timeout(self, session: Session) -> float:
-        """The template's ``spec.runtime.timeout`` for each turn."""
-        return self._turn_timeouts.get(session.template_id, 300.0)
-
-    def turn_started(self) -> None:
-        self.running_turns += 1
-
-    def turn_finished(self, session: Session, turn: Turn, outcome: TurnOutcome) -> None:
-        self.running_turns -= 1
-        if self.running_turns == 0 and self._idle is not None:
-            self._idle.set()
-        if self.metrics is not None:
-            duration = (turn.finished_at or 0.0) - (turn.started_at or 0.0)
-            self.metrics.record_turn(outcome.value, duration)
-
-    def crash_verdict(self, session: Session) -> tuple[bool, str | None]:
-        """A sandbox died in a turn: ``(restart, None)``, or ``(False, why the session failed)``.
-
-        Decided before the crashed turn's caller is answered, so a call made
-        right after a fatal crash already hears that the session failed, and
-        so does the caller of the turn whose crash spent the restart budget.
-        """
-        core = session.core
-        kind = session.sandbox.kind if session.sandbox is not None else "unknown"
-        if self.metrics is not None:
-            self.metrics.sandbox_crashes_total.labels(kind).inc()
-        if core.ended:
-            return False, None
-        if core.sandbox_crashed(self.clock()):
-            return True, None
-        reason = (
-            f"failed: its sandbox crashed more than {core.limits.restart_budget} times "
-            f"in {core.limits.restart_window:g} s"
-        )
-        for waiting in core.fail(reason, self.clock(), SandboxCrashedError):
-            notify(waiting)
-        self.directory.remove(session.tenant, session.session_id, reason)
-        logger.warning("session %s %s", session.session_id, reason)
-        return False, reason
-
-    async def replace_sandbox(self, session: Session, restart: bool) -> None:
-        """Stop a crashed sandbox and, if ``restart``, start a fresh one in its place."""
-        if session.sandbox is not None:
-            await session.sandbox.close()
-        if not restart or session.core.ended:
-            return
-        logger.warning("session %s: sandbox crashed, restarting", session.session_id)
-        try:
-            template = await self.templates.get(session.template_id)
-            provider = await self.provider_for(template)
-            with anyio.fail_after(self.config.start_timeout):
-                session.sandbox = await provider.create(session.session_id, session.env_vars)
-            self._count_sandbox_start(provider.kind)
-        except (PPIOAgentRuntimeError, TimeoutError, OSError) as exc:
-            logger.warning("session %s: restart failed: %s", session.session_id, exc)
-            session.sandbox = None  # the next turn fails fast and counts another crash
-
-    def _count_sandbox_start(self, kind: str) -> None:
-        if self.metrics is not None:
-            self.metrics.sandbox_starts_total.labels(kind).inc()
+    async def durable(self, session: Session, turn: Turn) -> None:
+        await self.sessions.durable(session, turn)
 
     def _check_accepting(self) -> None:
-        if not self.accepting:
-            raise ServiceUnavailableError("the orchestrator is shutting down")
+        self.sessions.check_accepting()

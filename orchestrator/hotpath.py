@@ -31,7 +31,7 @@ from ppio_sandbox.agent_runtime.errors import (
 from ppio_sandbox.agent_runtime.protocol import encode_json
 from ppio_sandbox.agent_runtime.sse import encode_event, encode_raw_event
 
-from .actor import read_batches, wait_started
+from .actor import Session, read_batches, wait_started
 from .session_core import Admission, Strategy, Turn
 from .wire import decode_object, encode_reply
 
@@ -96,7 +96,7 @@ class InvocationHandler:
             start = _parse_last_event_id(last) if last else 0
             host = self.host
             if kind == "sessions":
-                session = host.get_session(tenant, target)
+                session = await host.open_session(tenant, target)
             else:
                 sid_raw = h.get("sid") or h.get("sid2")
                 sid = sid_raw.decode("latin-1") if sid_raw else None
@@ -134,9 +134,9 @@ class InvocationHandler:
             await wait_started(turn)
             streaming = turn.streaming
             if streaming:
-                await self._stream(scope, receive, send, turn, headers, start, session.session_id)
+                await self._stream(scope, receive, send, turn, headers, start, session)
             else:
-                await self._reply(send, turn, headers, h.get("accept", b""), session.session_id)
+                await self._reply(send, turn, headers, h.get("accept", b""), session)
         finally:
             if streaming:
                 host.reader_left(session, turn)
@@ -144,10 +144,22 @@ class InvocationHandler:
                 turn.readers -= 1
 
     async def _reply(
-        self, send: Send, turn: Turn, headers: list[tuple[bytes, bytes]], accept: bytes, sid: str
+        self,
+        send: Send,
+        turn: Turn,
+        headers: list[tuple[bytes, bytes]],
+        accept: bytes,
+        session: Session,
     ) -> None:
-        if turn.error is not None:
-            await self.error_reply(send, turn.error, turn.request_id, accept, headers)
+        sid = session.session_id
+        error = turn.error
+        if error is None:
+            try:
+                await self.host.durable(session, turn)  # --durability turn: stored before sent
+            except PPIOAgentRuntimeError as exc:
+                error = exc
+        if error is not None:
+            await self.error_reply(send, error, turn.request_id, accept, headers)
             return
         envelope = {
             "result": turn.result,
@@ -168,8 +180,9 @@ class InvocationHandler:
         turn: Turn,
         headers: list[tuple[bytes, bytes]],
         start: int,
-        sid: str,
+        session: Session,
     ) -> None:
+        sid = session.session_id
         await send(
             {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *headers]}
         )
@@ -187,8 +200,14 @@ class InvocationHandler:
                 seq = first + len(chunks) - 1
                 await send({"type": "http.response.body", "body": body, "more_body": True})
                 await anyio.lowlevel.checkpoint()
-            if turn.error is not None:
-                data = encode_json(turn.error.to_envelope(turn.request_id))
+            error = turn.error
+            if error is None:
+                try:
+                    await self.host.durable(session, turn)
+                except PPIOAgentRuntimeError as exc:
+                    error = exc
+            if error is not None:
+                data = encode_json(error.to_envelope(turn.request_id))
                 tail = encode_raw_event(seq + 1, data, "error")
             else:
                 done = {

@@ -381,6 +381,31 @@ class OrchestratorMetrics:
                 ["route", "status"],
             )
         )
+        self.checkpoints_total = reg.register(
+            Counter("ppio_checkpoints_total", "Session checkpoints written.")
+        )
+        self.checkpoint_bytes_total = reg.register(
+            Counter("ppio_checkpoint_bytes_total", "Bytes of session checkpoints written.")
+        )
+        self.checkpoint_failures_total = reg.register(
+            Counter(
+                "ppio_checkpoint_failures_total",
+                "Checkpoints not written: unserializable state, store errors, lost ownership.",
+                ["reason"],
+            )
+        )
+        self.sessions_restored_total = reg.register(
+            Counter("ppio_session_restores_total", "Sessions brought back from a checkpoint.")
+        )
+        self.forwarded_total = reg.register(
+            Counter(
+                "ppio_forwarded_total",
+                "Requests forwarded to the node owning their session, by outcome.",
+                ["outcome"],
+            )
+        )
+        for reason in ("unserializable", "store", "fenced"):
+            self.checkpoint_failures_total.labels(reason)
         for outcome in self.TURN_OUTCOMES:
             self.turns_total.labels(outcome)
         for kind in self.SANDBOX_KINDS:

@@ -21,6 +21,7 @@ import sniffio
 from ppio_sandbox.agent_runtime.server import KeyValueFormatter
 
 from .auth import Authenticator, KeyRing
+from .checkpoints import Durability
 from .host import SHARED_TENANT, Orchestrator, OrchestratorConfig
 from .session_core import SessionLimits
 
@@ -57,6 +58,9 @@ class ServeOptions:
     between requests last ``KEEP_ALIVE_TIMEOUT``. See :mod:`._hypercorn`."""
     body_timeout: float | None = 60.0
     """Seconds a client has to send a request's body once its headers are in (then a 408)."""
+    durability: Durability = Durability.INTERVAL
+    """When sessions are checkpointed: ``turn``, ``interval`` or ``none`` (:mod:`.checkpoints`)."""
+    checkpoint_interval: float = 1.0
     tune_gc: bool = False
     """Tune the process's garbage collector for many long-lived sessions (see
     :func:`tune_gc`); :func:`serve_blocking`, which owns the process, sets it."""
@@ -148,6 +152,8 @@ async def run(
         trust_uploads=options.trust_uploads,
         limits=options.limits or SessionLimits(),
         stream_resume_grace=options.stream_resume_grace,
+        durability=Durability(options.durability),
+        checkpoint_interval=options.checkpoint_interval,
     )
     shutdown = shutdown or anyio.Event()
     async with Orchestrator(config, metrics=OrchestratorMetrics()) as host:

@@ -109,6 +109,7 @@ class Turn:
         "acked",
         "body_hash",
         "cancel",
+        "change",
         "error",
         "events",
         "finished_at",
@@ -149,6 +150,7 @@ class Turn:
         self.streaming = False
         self.events: list[Any] = []
         self.wire: bytes | None = None  # the checkpoint's encoding, once done
+        self.change = 0  # the session's change count when it finished (durability)
         self.acked = 0  # events the live reader has consumed (backpressure)
         self.readers = 0  # callers currently waiting on or reading this turn
         # Set by the actor: a callable that cancels the turn while it runs,
@@ -595,3 +597,42 @@ class SessionCore:
     @property
     def cached_turns(self) -> int:
         return len(self._cache) if self._cache else 0
+
+    def finished_turns(self, limit: int) -> list[Turn]:
+        """The ``limit`` most recently admitted turns that have finished (oldest first)."""
+        if not self._cache:
+            return []
+        done = [turn for turn in self._cache.values() if turn.finished_at is not None]
+        return done[-limit:]
+
+    # -- checkpoints --------------------------------------------------------
+
+    @classmethod
+    def restored(
+        cls,
+        session_id: str,
+        *,
+        created_at: float,
+        last_activity: float,
+        timeout_seconds: float,
+        limits: SessionLimits = DEFAULT_LIMITS,
+        turns_ok: int = 0,
+        turns_failed: int = 0,
+        turns: list[Turn] | None = None,
+    ) -> SessionCore:
+        """A session brought back from a checkpoint (times on this node's clock).
+
+        It starts like a new one (``started`` follows once its sandbox is
+        up); its finished ``turns`` are remembered so their keys replay.
+        """
+        core = cls(session_id, now=created_at, limits=limits, timeout_seconds=timeout_seconds)
+        core.last_activity = last_activity
+        core.turns_ok = turns_ok
+        core.turns_failed = turns_failed
+        for turn in turns or ():
+            if turn.finished_at is None:
+                raise IllegalTransition(f"session {session_id}: restoring an unfinished turn")
+            if core._cache is None:
+                core._cache = OrderedDict()
+            core._cache[turn.key] = turn
+        return core

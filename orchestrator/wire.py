@@ -19,8 +19,9 @@ from ppio_sandbox.agent_runtime.protocol import (
 )
 
 from .actor import Session
+from .state_store import SessionRecord
 
-__all__ = ["decode_object", "encode_reply", "session_view", "template_view"]
+__all__ = ["decode_object", "encode_reply", "record_view", "session_view", "template_view"]
 
 
 def decode_object(content_type: bytes, body: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
@@ -57,12 +58,33 @@ def session_view(session: Session, *, wall_offset: float) -> dict[str, Any]:
         "turns": {"ok": core.turns_ok, "failed": core.turns_failed, "queued": core.queued},
         "restarts": core.restarts,
         "metadata": session.metadata or {},
+        "resident": True,
     }
     if core.end_reason:
         view["reason"] = core.end_reason
     if session.sandbox is not None:
         view["sandbox"] = session.sandbox.describe()
     return view
+
+
+def record_view(record: SessionRecord) -> dict[str, Any]:
+    """The API's view of a dormant session: checkpointed, not in memory on any node.
+
+    Its next call brings it back (with a fresh sandbox), so it is ``ready``.
+    """
+    return {
+        "session_id": record.session_id,
+        "template_id": record.template_id,
+        "status": "paused" if record.paused else "ready",
+        "created_at": round(record.created_at, 3),
+        "last_activity": round(record.last_activity, 3),
+        "expires_at": round(record.last_activity + record.timeout_seconds, 3),
+        "timeout_seconds": record.timeout_seconds,
+        "turns": {"ok": record.turns_ok, "failed": record.turns_failed, "queued": 0},
+        "restarts": 0,
+        "metadata": record.metadata or {},
+        "resident": False,
+    }
 
 
 def template_view(template: Any) -> dict[str, Any]:

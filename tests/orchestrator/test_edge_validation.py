@@ -81,55 +81,53 @@ async def test_a_bad_session_id_in_the_body_is_400(tmp_path: Path) -> None:
 
 
 async def test_session_ids_are_per_tenant(tmp_path: Path) -> None:
-    async with orchestrator(
-        tmp_path, api_keys=KEYS, headers={"Authorization": "Bearer secret-a"}
-    ) as o:
-        async with o.other_client(Authorization="Bearer secret-b") as beta:
-            # Tenant B names chat-x first, on both routes.
-            r = await beta.post(
-                "/v1/agents/echo/invocations",
-                json={"prompt": "b1"},
-                headers={"X-PPIO-Session-Id": "chat-x"},
-            )
-            assert r.status_code == 200, r.text
-            r = await beta.post("/v1/sessions", json={"template_id": "echo", "session_id": "s-y"})
-            assert r.status_code == 201, r.text
+    async with (
+        orchestrator(tmp_path, api_keys=KEYS, headers={"Authorization": "Bearer secret-a"}) as o,
+        o.other_client(Authorization="Bearer secret-b") as beta,
+    ):
+        # Tenant B names chat-x first, on both routes.
+        r = await beta.post(
+            "/v1/agents/echo/invocations",
+            json={"prompt": "b1"},
+            headers={"X-PPIO-Session-Id": "chat-x"},
+        )
+        assert r.status_code == 200, r.text
+        r = await beta.post("/v1/sessions", json={"template_id": "echo", "session_id": "s-y"})
+        assert r.status_code == 201, r.text
 
-            # Tenant A's first use of the same names is its own, fresh session.
-            r = await o.client.post(
-                "/v1/agents/echo/invocations",
-                json={"prompt": "a1"},
-                headers={"X-PPIO-Session-Id": "chat-x"},
-            )
-            assert r.status_code == 200, r.text
-            assert r.json()["result"]["turn"] == 1
-            r = await o.client.post(
-                "/v1/sessions", json={"template_id": "echo", "session_id": "s-y"}
-            )
-            assert r.status_code == 201, r.text
+        # Tenant A's first use of the same names is its own, fresh session.
+        r = await o.client.post(
+            "/v1/agents/echo/invocations",
+            json={"prompt": "a1"},
+            headers={"X-PPIO-Session-Id": "chat-x"},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["result"]["turn"] == 1
+        r = await o.client.post("/v1/sessions", json={"template_id": "echo", "session_id": "s-y"})
+        assert r.status_code == 201, r.text
 
-            # Each tenant's chat-x keeps its own state.
-            r = await beta.post(
-                "/v1/agents/echo/invocations",
-                json={"prompt": "b2"},
-                headers={"X-PPIO-Session-Id": "chat-x"},
-            )
-            assert r.json()["result"]["turn"] == 2
-            r = await o.invoke("chat-x", {"prompt": "a2"})
-            assert r.json()["result"]["turn"] == 2
+        # Each tenant's chat-x keeps its own state.
+        r = await beta.post(
+            "/v1/agents/echo/invocations",
+            json={"prompt": "b2"},
+            headers={"X-PPIO-Session-Id": "chat-x"},
+        )
+        assert r.json()["result"]["turn"] == 2
+        r = await o.invoke("chat-x", {"prompt": "a2"})
+        assert r.json()["result"]["turn"] == 2
 
-            # Closing one tenant's session leaves the other's alone, and the
-            # tombstone tells only its own tenant why.
-            assert (await beta.delete("/v1/sessions/chat-x")).status_code == 200
-            r = await o.invoke("chat-x", {"prompt": "a3"})
-            assert r.status_code == 200
-            assert r.json()["result"]["turn"] == 3
-            gone = await beta.post("/v1/sessions/chat-x/invocations", json={})
-            assert gone.status_code == 404
-            assert "closed by the caller" in gone.json()["error"]["message"]
-            assert {
-                s["session_id"] for s in (await beta.get("/v1/sessions")).json()["sessions"]
-            } == {"s-y"}
-            r = await beta.post("/v1/sessions", json={"template_id": "echo", "session_id": "s-y"})
-            assert r.status_code == 400
-            assert "already exists" in r.json()["error"]["message"]
+        # Closing one tenant's session leaves the other's alone, and the
+        # tombstone tells only its own tenant why.
+        assert (await beta.delete("/v1/sessions/chat-x")).status_code == 200
+        r = await o.invoke("chat-x", {"prompt": "a3"})
+        assert r.status_code == 200
+        assert r.json()["result"]["turn"] == 3
+        gone = await beta.post("/v1/sessions/chat-x/invocations", json={})
+        assert gone.status_code == 404
+        assert "closed by the caller" in gone.json()["error"]["message"]
+        assert {s["session_id"] for s in (await beta.get("/v1/sessions")).json()["sessions"]} == {
+            "s-y"
+        }
+        r = await beta.post("/v1/sessions", json={"template_id": "echo", "session_id": "s-y"})
+        assert r.status_code == 400
+        assert "already exists" in r.json()["error"]["message"]

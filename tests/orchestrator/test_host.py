@@ -61,7 +61,7 @@ async def test_reaper_heap_stays_bounded_under_session_churn(host: Orchestrator)
         session = await host.create_session("default", "echo")
         await host.close_session(session)
     assert len(host.directory) == 0
-    assert len(host._reaper.heap) <= 1024 + 1
+    assert len(host.sessions._reaper.heap) <= 1024 + 1
 
 
 async def test_closed_session_is_remembered_with_its_reason(host: Orchestrator) -> None:

@@ -229,6 +229,11 @@ def test_orchestrator_metrics_render_every_family() -> None:
         "ppio_sandbox_crashes_total": "counter",
         "ppio_mailbox_depth": "gauge",
         "ppio_http_requests_total": "counter",
+        "ppio_checkpoints_total": "counter",
+        "ppio_checkpoint_bytes_total": "counter",
+        "ppio_checkpoint_failures_total": "counter",
+        "ppio_session_restores_total": "counter",
+        "ppio_forwarded_total": "counter",
     }
     assert samples['ppio_sessions{state="active"}'] == "3.0"
     assert samples['ppio_sessions{state="idle"}'] == "2.0"

@@ -236,10 +236,12 @@ def test_the_turns_a_close_drops_end_with_its_error_and_the_running_one_is_asked
     queued = admit(core, "b", 1.5)
     dropped = core.begin_close("closed by the caller", 2.0)
     assert dropped == [queued]
-    assert queued.done and queued.outcome is TurnOutcome.CANCELLED
+    assert queued.done
+    assert queued.outcome is TurnOutcome.CANCELLED
     assert isinstance(queued.error, SessionNotFoundError)
     assert str(queued.error) == "session s1 closed by the caller"
-    assert running.stop_error is not None and not running.done
+    assert running.stop_error is not None
+    assert not running.done
     assert not core.stop(running, SessionNotFoundError("again"))  # the first request wins
     core.finish(running, TurnOutcome.CANCELLED, 3.0)
     assert running.error is running.stop_error
@@ -254,7 +256,8 @@ def test_finishing_a_turn_that_is_not_running_is_illegal() -> None:
         core.finish(turn, TurnOutcome.OK, 2.0)  # still queued
     core.next_turn(2.0)
     core.finish(turn, TurnOutcome.OK, 3.0, result={"x": 1})
-    assert turn.result == {"x": 1} and turn.outcome is TurnOutcome.OK
+    assert turn.result == {"x": 1}
+    assert turn.outcome is TurnOutcome.OK
     with pytest.raises(IllegalTransition):
         core.finish(turn, TurnOutcome.OK, 4.0)  # already done
     with pytest.raises(IllegalTransition):

@@ -217,7 +217,7 @@ BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
     (
         {"spec__sandbox__warmpool": 1},
         "spec.sandbox.warmpool: unknown field; "
-        "expected one of command, env, kind, template_id, warm_pool",
+        "expected one of command, env, kind, network, template_id, warm_pool",
     ),
 ]
 

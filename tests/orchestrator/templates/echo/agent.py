@@ -35,6 +35,10 @@ async def agent(request: dict, context: RequestContext):
         os._exit(3)  # only meaningful in a process sandbox
     elif action == "env":
         return {"env": {k: os.environ.get(k) for k in request.get("keys", [])}}
+    elif action == "unserializable":
+        state["handle"] = object()  # msgpack cannot encode it: checkpoints must cope
+    elif action == "forget":
+        state.pop("handle", None)
     elif action == "state":
         return {"state": {k: v for k, v in state.items() if isinstance(v, (int, str))}}
     return {

@@ -1,0 +1,684 @@
+"""The sessions one node hosts: admission, lifetimes, crashes, checkpoints.
+
+HTTP-free and placement-free: the front end decides that a session belongs
+here (:mod:`.placement`), then calls these methods. One task group (the
+orchestrator's) owns every actor task, the expiry reaper, the checkpoint
+writer and background closes.
+
+A session the node owns but does not hold in memory -- it was checkpointed
+before a restart, or before its previous node died -- is *dormant*: the
+first call that names it brings it back from the store (:meth:`find`), with
+its ``context.state`` and recent turns, on a fresh sandbox.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from ppio_sandbox.agent_runtime.errors import (
+    InvocationCancelledError,
+    PPIOAgentRuntimeError,
+    SandboxCrashedError,
+    ServiceUnavailableError,
+    SessionNotFoundError,
+    TemplateNotFoundError,
+    ValidationError,
+)
+
+from ._validate import check_session_id, check_timeout_seconds
+from .actor import Session, TurnRunner, notify
+from .checkpoints import (
+    Checkpointer,
+    Durability,
+    UnserializableState,
+    encode_checkpoint,
+    record_of,
+    state_of,
+    turns_of,
+)
+from .directory import InMemorySessionDirectory, SessionDirectory
+from .sandbox.base import SandboxProvider
+from .session_core import Admission, SessionCore, SessionLimits, Strategy, Turn, TurnOutcome
+from .state_store import Checkpoint, MemoryStateStore, SessionRecord, StateStore
+
+__all__ = ["Ownership", "Provisioner", "SessionHost"]
+
+logger = logging.getLogger("ppio_sandbox.orchestrator")
+
+
+class Provisioner(Protocol):
+    """What the session host needs of templates (the orchestrator's template service)."""
+
+    async def resolve_template(self, agent_id: str, tenant: str) -> Any: ...
+
+    async def template_by_id(self, template_id: str) -> Any: ...
+
+    async def provider_for(self, template: Any) -> SandboxProvider: ...
+
+    def turn_timeout(self, template_id: str) -> float: ...
+
+
+class Ownership(Protocol):
+    """What the session host needs of placement: ids for new sessions, fences."""
+
+    def new_session_id(self) -> str: ...
+
+    def fence(self, tenant: str, session_id: str) -> Any: ...
+
+
+class _LocalOwnership:
+    def new_session_id(self) -> str:
+        import secrets
+
+        return "sess-" + secrets.token_hex(8)
+
+    def fence(self, tenant: str, session_id: str) -> Any:
+        return None
+
+
+class _Reaper:
+    """Closes sessions at their deadline: one task, one heap, lazy re-checks."""
+
+    def __init__(self, host: SessionHost) -> None:
+        self.host = host
+        self.heap: list[tuple[float, int, Session]] = []
+        self.seq = itertools.count()
+        self.wake = anyio.Event()
+        self.next_at = float("inf")
+
+    def track(self, session: Session) -> None:
+        deadline = session.core.deadline()
+        heapq.heappush(self.heap, (deadline, next(self.seq), session))
+        if len(self.heap) > 2 * len(self.host.directory) + 1024:
+            self._compact()
+        if deadline < self.next_at:
+            self.wake.set()
+
+    def _compact(self) -> None:
+        # Entries of closed sessions (and stale deadlines) are dropped lazily
+        # when due; under churn they would pile up for a whole idle timeout.
+        self.heap = [(s.core.deadline(), next(self.seq), s) for s in self.host.directory]
+        heapq.heapify(self.heap)
+
+    async def run(self) -> None:
+        host = self.host
+        while True:
+            now = host.clock()
+            while self.heap and self.heap[0][0] <= now:
+                _, _, session = heapq.heappop(self.heap)
+                core = session.core
+                if core.ended:
+                    continue
+                reason = core.expiry_reason(now)
+                if reason is not None:
+                    host.spawn(host.close_session, session, reason)
+                else:
+                    heapq.heappush(self.heap, (core.deadline(), next(self.seq), session))
+            self.next_at = self.heap[0][0] if self.heap else float("inf")
+            self.wake = anyio.Event()
+            with anyio.move_on_after(max(0.0, min(self.next_at - host.clock(), 3600.0))):
+                await self.wake.wait()
+
+
+class SessionHost:
+    """The node-local sessions. See the module docstring."""
+
+    def __init__(
+        self,
+        provisioner: Provisioner,
+        *,
+        limits: SessionLimits,
+        start_timeout: float = 30.0,
+        stream_resume_grace: float = 10.0,
+        directory: SessionDirectory | None = None,
+        store: StateStore | None = None,
+        durability: Durability = Durability.INTERVAL,
+        checkpoint_interval: float = 1.0,
+        ownership: Ownership | None = None,
+        metrics: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.provisioner = provisioner
+        self.limits = limits
+        self.start_timeout = start_timeout
+        self.stream_resume_grace = stream_resume_grace
+        self.directory = directory or InMemorySessionDirectory()
+        self.ownership: Ownership = ownership or _LocalOwnership()
+        self.metrics = metrics
+        self.clock = clock
+        self.wall_offset = time.time() - clock()
+        self.store = store or MemoryStateStore()
+        self.checkpoints = Checkpointer(
+            self.store,
+            durability,
+            snapshot=self._snapshot,
+            lost=self._lost,
+            interval=checkpoint_interval,
+            metrics=metrics,
+        )
+        self.accepting = True
+        self.running_turns = 0
+        self._idle: anyio.Event | None = None  # set up only while draining
+        self._creating: dict[tuple[str, str], anyio.Event] = {}
+        self._unserializable: set[tuple[str, str]] = set()
+        self._runner = TurnRunner(self)
+        self._reaper = _Reaper(self)
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self, tg: anyio.abc.TaskGroup) -> None:
+        """Run the reaper and the checkpoint writer in ``tg`` (the owner's task group)."""
+        self._tg = tg
+        tg.start_soon(self._reaper.run)
+        tg.start_soon(self.checkpoints.run)
+
+    def spawn(self, func: Callable[..., Any], *args: Any) -> None:
+        if self._tg is None:
+            raise RuntimeError("the session host is not running")
+        self._tg.start_soon(func, *args)
+
+    def count_states(self) -> dict[str, float]:
+        counts: dict[str, float] = {}
+        for session in self.directory:
+            state = session.core.state.value
+            counts[state] = counts.get(state, 0) + 1
+        return counts
+
+    def mailbox_depth(self) -> float:
+        return float(sum(session.core.queued for session in self.directory))
+
+    async def drain(self, grace: float) -> None:
+        """Stop admitting, let running turns finish for ``grace`` s, then let go of every session.
+
+        With checkpoints on, sessions are written and *evicted*: they come
+        back from the store after a restart, or on another node. Without
+        them, sessions are closed. Turns still waiting or running when the
+        grace is over answer 503 ``ServiceUnavailableError`` (retryable).
+        """
+        self.accepting = False
+        if self.running_turns and grace > 0:
+            logger.info("draining %d running turns (up to %.0f s)", self.running_turns, grace)
+            self._idle = idle = anyio.Event()
+            with anyio.move_on_after(grace):
+                await idle.wait()
+        sessions = list(self.directory)
+        if self.checkpoints.enabled:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.checkpoints.flush(sessions)
+                except ServiceUnavailableError as exc:
+                    logger.error("final checkpoint failed, sessions may lose state: %s", exc)
+            reason = "closed: the orchestrator shut down"
+            async with anyio.create_task_group() as tg:
+                for session in sessions:
+                    tg.start_soon(self.evict, session, "is moving: its node shut down")
+            logger.info("%d sessions checkpointed and evicted (%s)", len(sessions), reason)
+            return
+        async with anyio.create_task_group() as tg:
+            for session in sessions:
+                tg.start_soon(
+                    self.close_session,
+                    session,
+                    "closed: the orchestrator shut down",
+                    ServiceUnavailableError,
+                )
+
+    # -- finding and creating -----------------------------------------------
+
+    async def create_session(
+        self,
+        tenant: str,
+        template_id: str,
+        *,
+        session_id: str | None = None,
+        timeout_seconds: float | None = None,
+        env_vars: dict[str, str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Session:
+        """Start a session of a deployed template; returns once its sandbox is ready.
+
+        All or nothing: a session that cannot be fully set up is not in the
+        directory and its sandbox is closed.
+        """
+        self.check_accepting()
+        if timeout_seconds is not None:
+            timeout_seconds = check_timeout_seconds(timeout_seconds)
+        sid = check_session_id(session_id) if session_id else self.ownership.new_session_id()
+        template = await self.provisioner.resolve_template(template_id, tenant)
+        if template.phase != "deployed":
+            raise TemplateNotFoundError(f"template {template.id} is {template.phase}, not deployed")
+        key = (tenant, sid)
+        if self.directory.get(tenant, sid) is not None or key in self._creating:
+            raise ValidationError(f"session {sid} already exists")
+        if session_id and self.checkpoints.enabled:
+            ready = self._creating[key] = anyio.Event()
+            try:
+                stored = await self.store.load(tenant, sid)
+            finally:
+                del self._creating[key]
+                ready.set()
+            if stored is not None:
+                raise ValidationError(f"session {sid} already exists")
+        now = self.clock()
+        core = SessionCore(sid, now=now, limits=self.limits, timeout_seconds=timeout_seconds)
+        session = Session(
+            core, tenant=tenant, template_id=template.id, metadata=metadata, env_vars=env_vars
+        )
+        await self._start(session, template)
+        self.changed(session)
+        return session
+
+    async def _start(self, session: Session, template: Any, *, paused: bool = False) -> None:
+        """Give the session a sandbox and add it to the directory, or leave no trace."""
+        tenant, sid = session.tenant, session.session_id
+        key = (tenant, sid)
+        ready = self._creating[key] = anyio.Event()
+        try:
+            provider = await self.provisioner.provider_for(template)
+            try:
+                with anyio.fail_after(self.start_timeout):
+                    session.sandbox = await provider.create(sid, session.env_vars)
+            except ValueError as exc:  # e.g. env_vars the sandbox refuses
+                raise ValidationError(str(exc)) from None
+            except TimeoutError:
+                raise ServiceUnavailableError(
+                    f"sandbox for {template.id} did not start in {self.start_timeout:g} s"
+                ) from None
+            try:
+                self._count_sandbox_start(provider.kind)
+                session.core.started(self.clock())
+                if paused:
+                    session.core.pause(self.clock())
+                    await session.sandbox.pause()
+                self.directory.add(session)
+                self._reaper.track(session)
+            except BaseException:
+                self.directory.remove(tenant, sid, None)
+                with anyio.CancelScope(shield=True):
+                    await session.sandbox.close()
+                raise
+        finally:
+            del self._creating[key]
+            ready.set()
+
+    async def find(self, tenant: str, session_id: str) -> Session | None:
+        """The tenant's live session, brought back from its checkpoint if dormant; else None.
+
+        Raises SessionNotFoundError naming why, for a session that ended.
+        """
+        key = (tenant, session_id)
+        while (pending := self._creating.get(key)) is not None:
+            await pending.wait()
+        session = self.directory.get(tenant, session_id)
+        if session is not None:
+            session.core.check_alive()
+            return session
+        reason = self.directory.end_reason(tenant, session_id)
+        if reason is not None:
+            raise SessionNotFoundError(f"session {session_id} {reason}")
+        if not self.checkpoints.enabled:
+            return None
+        return await self._restore(tenant, session_id)
+
+    async def _restore(self, tenant: str, session_id: str) -> Session | None:
+        key = (tenant, session_id)
+        ready = self._creating[key] = anyio.Event()
+        try:
+            record = await self.store.load(tenant, session_id)
+        finally:
+            del self._creating[key]
+            ready.set()
+        if record is None:
+            return None
+        while (pending := self._creating.get(key)) is not None:  # restored meanwhile?
+            await pending.wait()
+        session = self.directory.get(tenant, session_id)
+        if session is not None:
+            return session
+        self.check_accepting()
+        reason = self._expired(record)
+        if reason is not None:
+            await self.store.delete(tenant, session_id, self.ownership.fence(tenant, session_id))
+            self.directory.add_tombstone(tenant, session_id, reason)
+            raise SessionNotFoundError(f"session {session_id} {reason}")
+        try:
+            template = await self.provisioner.template_by_id(record.template_id)
+        except TemplateNotFoundError:
+            reason = f"closed: its template {record.template_id} is gone"
+            await self.store.delete(tenant, session_id, self.ownership.fence(tenant, session_id))
+            self.directory.add_tombstone(tenant, session_id, reason)
+            raise SessionNotFoundError(f"session {session_id} {reason}") from None
+        session = self.session_from(record)
+        await self._start(session, template, paused=record.paused)
+        if self.metrics is not None:
+            self.metrics.sessions_restored_total.inc()
+        logger.info(
+            "session %s restored from its checkpoint (%d turns, state %s)",
+            session_id,
+            record.turns_ok + record.turns_failed,
+            "kept" if session.state is not None else "empty",
+        )
+        return session
+
+    def _expired(self, record: SessionRecord) -> str | None:
+        now = time.time()
+        if now >= record.created_at + self.limits.max_lifetime_seconds:
+            return f"reached its maximum lifetime ({self.limits.max_lifetime_seconds:g} s)"
+        if now >= record.last_activity + record.timeout_seconds:
+            return f"expired after {record.timeout_seconds:g} s idle"
+        return None
+
+    def session_from(self, record: SessionRecord) -> Session:
+        """A session record (not started) rebuilt from its checkpoint."""
+        offset = self.wall_offset
+        core = SessionCore.restored(
+            record.session_id,
+            created_at=record.created_at - offset,
+            last_activity=record.last_activity - offset,
+            timeout_seconds=record.timeout_seconds,
+            limits=self.limits,
+            turns_ok=record.turns_ok,
+            turns_failed=record.turns_failed,
+            turns=turns_of(record, wall_offset=offset),
+        )
+        session = Session(
+            core,
+            tenant=record.tenant,
+            template_id=record.template_id,
+            metadata=record.metadata,
+            env_vars=record.env_vars,
+        )
+        session.state = state_of(record)
+        session.changes = session.saved = record.seq
+        return session
+
+    async def open_session(self, tenant: str, session_id: str) -> Session:
+        """A live session of the tenant, restored if dormant; 404 naming why it ended."""
+        session = await self.find(tenant, session_id)
+        if session is None:
+            raise SessionNotFoundError(f"session {session_id} not found")
+        return session
+
+    def get_session(self, tenant: str, session_id: str) -> Session:
+        """A live session of the tenant held in memory here; 404 otherwise."""
+        session = self.directory.get(tenant, session_id)
+        if session is None:
+            reason = self.directory.end_reason(tenant, session_id)
+            raise SessionNotFoundError(
+                f"session {session_id} {reason}" if reason else f"session {session_id} not found"
+            )
+        session.core.check_alive()
+        return session
+
+    async def get_or_create_session(
+        self, tenant: str, agent_id: str, session_id: str | None
+    ) -> Session:
+        """The AgentCore route: the session named by the caller, created on first use."""
+        if session_id:
+            check_session_id(session_id)
+            session = await self.find(tenant, session_id)
+            if session is not None:
+                return session
+        return await self.create_session(tenant, agent_id, session_id=session_id)
+
+    def list_sessions(self, tenant: str) -> list[Session]:
+        return [s for s in self.directory if s.tenant == tenant]
+
+    async def list_dormant(self, tenant: str) -> list[SessionRecord]:
+        """The tenant's checkpointed sessions that are not in memory here."""
+        if not self.checkpoints.enabled:
+            return []
+        return [
+            record
+            for record in await self.store.list(tenant)
+            if self.directory.get(tenant, record.session_id) is None
+            and self.directory.end_reason(tenant, record.session_id) is None
+            and self._expired(record) is None
+        ]
+
+    # -- ending -------------------------------------------------------------
+
+    async def close_session(
+        self,
+        session: Session,
+        reason: str = "closed by the caller",
+        error: type[PPIOAgentRuntimeError] = SessionNotFoundError,
+    ) -> None:
+        """End a session: fail what waits, cancel what runs (with ``error``), stop the sandbox."""
+        if session.core.ended:
+            return
+        await self._end(session, reason, error, tombstone=True)
+        await self.checkpoints.forget(
+            session, self.ownership.fence(session.tenant, session.session_id)
+        )
+        logger.info("session %s %s", session.session_id, reason)
+
+    async def evict(self, session: Session, reason: str) -> None:
+        """Let go of a session without ending it: its checkpoint lives on elsewhere.
+
+        Waiting and running turns fail with a retryable 503.
+        """
+        if session.core.ended:
+            return
+        await self._end(session, reason, ServiceUnavailableError, tombstone=False)
+
+    async def _end(
+        self,
+        session: Session,
+        reason: str,
+        error: type[PPIOAgentRuntimeError],
+        *,
+        tombstone: bool,
+    ) -> None:
+        core = session.core
+        running = core.running
+        for turn in core.begin_close(reason, self.clock(), error):
+            notify(turn)
+        if running is not None and running.stop_error is not None and running.cancel is not None:
+            running.cancel()
+        session.kick()
+        self.directory.remove(session.tenant, session.session_id, reason if tombstone else None)
+        with anyio.CancelScope(shield=True):
+            if session.sandbox is not None:
+                await session.sandbox.close()
+        core.closed()
+
+    def _lost(self, session: Session) -> None:
+        """A store refused our checkpoint: another node owns the session now."""
+        logger.warning(
+            "session %s: another node owns it now; letting go of it here", session.session_id
+        )
+        self.spawn(self.evict, session, "moved to another node")
+
+    # -- lifetime operations ------------------------------------------------
+
+    async def pause(self, session: Session) -> None:
+        session.core.pause(self.clock())
+        if session.sandbox is not None:
+            await session.sandbox.pause()
+        self.changed(session)
+
+    async def resume(self, session: Session) -> None:
+        if session.sandbox is not None:
+            await session.sandbox.resume()
+        session.core.resume(self.clock())
+        if session.core.queued:
+            self.activate(session)
+        self.changed(session)
+
+    def set_timeout(self, session: Session, seconds: object) -> None:
+        session.core.set_timeout(check_timeout_seconds(seconds), self.clock())
+        self._reaper.track(session)
+        self.changed(session)
+
+    # -- checkpoints --------------------------------------------------------
+
+    def changed(self, session: Session) -> None:
+        """The session has something new to checkpoint."""
+        session.changes += 1
+        self.checkpoints.mark(session)
+
+    def _snapshot(self, session: Session) -> Checkpoint | None:
+        if session.core.ended and session.core.end_reason is not None:
+            return None  # closed meanwhile: its record is being deleted
+        key = (session.tenant, session.session_id)
+        try:
+            record = record_of(session, wall_offset=self.wall_offset, seq=session.changes)
+        except UnserializableState as exc:
+            if key not in self._unserializable:
+                self._unserializable.add(key)
+                logger.warning(
+                    "session %s: context.state cannot be checkpointed (%s); its last good "
+                    "checkpoint is kept, and a failover would bring that back",
+                    session.session_id,
+                    exc,
+                )
+            if self.metrics is not None:
+                self.metrics.checkpoint_failures_total.labels("unserializable").inc()
+            return None
+        self._unserializable.discard(key)
+        return encode_checkpoint(record, self.ownership.fence(session.tenant, session.session_id))
+
+    async def durable(self, session: Session, turn: Turn) -> None:
+        """With ``turn`` durability, wait until the turn's outcome is in the store."""
+        if self.checkpoints.durability is not Durability.TURN or turn.outcome is None:
+            return
+        if turn.outcome is TurnOutcome.CRASHED:
+            return  # not replayed: nothing to keep
+        if session.saved < turn.change and not session.core.ended:
+            # One round suffices: it snapshots the session after this call
+            # (a state it cannot encode is skipped, with a warning).
+            await self.checkpoints.flush([session])
+
+    def passivated(self, session: Session) -> None:
+        """The actor went quiet: make sure what it did is written."""
+        if session.saved < session.changes:
+            self.checkpoints.mark(session)
+
+    # -- turns --------------------------------------------------------------
+
+    def submit(
+        self,
+        session: Session,
+        payload: dict[str, Any],
+        *,
+        key: str,
+        body_hash: bytes,
+        request_id: str,
+        strategy: Strategy = Strategy.ENQUEUE,
+    ) -> tuple[Admission, Turn]:
+        """Admit one invocation; the caller then waits on the returned turn."""
+        self.check_accepting()
+        now = self.clock()
+        turn = Turn(key, body_hash, payload, request_id=request_id, submitted_at=now)
+        core = session.core
+        admission, turn, to_cancel = core.admit(turn, strategy, now)
+        if to_cancel is not None and to_cancel.cancel is not None:
+            error = InvocationCancelledError(f"interrupted by a newer turn (request {request_id})")
+            if core.stop(to_cancel, error):
+                to_cancel.cancel()
+        if admission is Admission.QUEUED:
+            self.activate(session)
+        return admission, turn
+
+    def activate(self, session: Session) -> None:
+        """Make sure an actor task runs the session's mailbox."""
+        if session.core.paused or session.kick():
+            return
+        session.active = True
+        self.spawn(self._runner.run, session)
+
+    def reader_left(self, session: Session, turn: Turn) -> None:
+        """A stream's reader went away; cancel the turn unless one comes back."""
+        turn.readers -= 1
+        if turn.readers == 0 and not turn.done and turn.streaming:
+            self.spawn(self._cancel_orphan, session, turn)
+
+    async def _cancel_orphan(self, session: Session, turn: Turn) -> None:
+        await anyio.sleep(self.stream_resume_grace)
+        if turn.readers == 0 and not turn.done and turn.cancel is not None:
+            error = InvocationCancelledError("the caller disconnected from the stream")
+            if session.core.stop(turn, error):
+                turn.cancel()
+
+    def turn_timeout(self, session: Session) -> float:
+        """The template's ``spec.runtime.timeout`` for each turn."""
+        return self.provisioner.turn_timeout(session.template_id)
+
+    def turn_started(self) -> None:
+        self.running_turns += 1
+
+    def turn_finished(self, session: Session, turn: Turn, outcome: TurnOutcome) -> None:
+        self.running_turns -= 1
+        if self.running_turns == 0 and self._idle is not None:
+            self._idle.set()
+        if outcome is not TurnOutcome.CRASHED:
+            self.changed(session)
+        turn.change = session.changes
+        if self.metrics is not None:
+            duration = (turn.finished_at or 0.0) - (turn.started_at or 0.0)
+            self.metrics.record_turn(outcome.value, duration)
+
+    def crash_verdict(self, session: Session) -> tuple[bool, str | None]:
+        """A sandbox died in a turn: ``(restart, None)``, or ``(False, why the session failed)``.
+
+        Decided before the crashed turn's caller is answered, so a call made
+        right after a fatal crash already hears that the session failed, and
+        so does the caller of the turn whose crash spent the restart budget.
+        """
+        core = session.core
+        kind = session.sandbox.kind if session.sandbox is not None else "unknown"
+        if self.metrics is not None:
+            self.metrics.sandbox_crashes_total.labels(kind).inc()
+        if core.ended:
+            return False, None
+        if core.sandbox_crashed(self.clock()):
+            return True, None
+        reason = (
+            f"failed: its sandbox crashed more than {core.limits.restart_budget} times "
+            f"in {core.limits.restart_window:g} s"
+        )
+        for waiting in core.fail(reason, self.clock(), SandboxCrashedError):
+            notify(waiting)
+        self.directory.remove(session.tenant, session.session_id, reason)
+        self.spawn(
+            self.checkpoints.forget,
+            session,
+            self.ownership.fence(session.tenant, session.session_id),
+        )
+        logger.warning("session %s %s", session.session_id, reason)
+        return False, reason
+
+    async def replace_sandbox(self, session: Session, restart: bool) -> None:
+        """Stop a crashed sandbox and, if ``restart``, start a fresh one in its place."""
+        if session.sandbox is not None:
+            await session.sandbox.close()
+        if not restart or session.core.ended:
+            return
+        logger.warning("session %s: sandbox crashed, restarting", session.session_id)
+        try:
+            template = await self.provisioner.template_by_id(session.template_id)
+            provider = await self.provisioner.provider_for(template)
+            with anyio.fail_after(self.start_timeout):
+                session.sandbox = await provider.create(session.session_id, session.env_vars)
+            self._count_sandbox_start(provider.kind)
+        except (PPIOAgentRuntimeError, TimeoutError, OSError) as exc:
+            logger.warning("session %s: restart failed: %s", session.session_id, exc)
+            session.sandbox = None  # the next turn fails fast and counts another crash
+
+    def _count_sandbox_start(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.sandbox_starts_total.labels(kind).inc()
+
+    def check_accepting(self) -> None:
+        if not self.accepting:
+            raise ServiceUnavailableError("the orchestrator is shutting down", retry_after=1.0)
