@@ -70,6 +70,28 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="seconds a client has to send a request's body once its headers are in "
         "(default 60; 0: no deadline)",
     )
+    p.add_argument(
+        "--durability",
+        choices=["turn", "interval", "none"],
+        default="interval",
+        help="when sessions are checkpointed so they outlive a restart or their node: "
+        "'turn' before each turn's reply (no acknowledged turn is lost), 'interval' every "
+        "--checkpoint-interval seconds (default; a crash loses at most that), 'none' never",
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checkpoints with --durability interval (default 1)",
+    )
+    p.add_argument(
+        "--isolation",
+        choices=["auto", "bwrap", "none"],
+        default="auto",
+        help="walls around process sandboxes: 'auto' the strongest this host offers "
+        "(bubblewrap namespaces, own uid, cgroups; each missing wall logged), 'bwrap' refuse "
+        "to run without them, 'none' plain processes (default auto)",
+    )
 
 
 _EXAMPLES = """\
@@ -131,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=args.log_level,
         header_timeout=args.header_timeout or None,
         body_timeout=args.body_timeout or None,
+        durability=args.durability,
+        checkpoint_interval=args.checkpoint_interval,
+        isolation=args.isolation,
     )
     return serve_blocking(options)
 

@@ -62,6 +62,9 @@ class OrchestratorConfig:
     """When sessions are checkpointed (see :mod:`.checkpoints`)."""
     checkpoint_interval: float = 1.0
     """Seconds between checkpoint rounds with ``interval`` durability."""
+    isolation: str = "auto"
+    """Walls around process sandboxes: ``auto``, ``bwrap`` or ``none`` (an operator's
+    choice, never a template's: see :mod:`.sandbox._isolation`)."""
 
 
 class Orchestrator:
@@ -222,6 +225,7 @@ class Orchestrator:
                 cpu_limit=spec.runtime.cpu_limit,
                 start_timeout=self.config.start_timeout,
                 network=spec.sandbox.network,
+                isolation=self.config.isolation,  # type: ignore[arg-type]
             )
         return InProcessSandboxProvider(
             f"{template.id}_{template.digest[:12]}", Path(template.path), spec.entrypoint

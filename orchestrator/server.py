@@ -61,6 +61,8 @@ class ServeOptions:
     durability: Durability = Durability.INTERVAL
     """When sessions are checkpointed: ``turn``, ``interval`` or ``none`` (:mod:`.checkpoints`)."""
     checkpoint_interval: float = 1.0
+    isolation: str = "auto"
+    """Walls around process sandboxes: ``auto``, ``bwrap`` or ``none`` (docs/sandboxing.md)."""
     tune_gc: bool = False
     """Tune the process's garbage collector for many long-lived sessions (see
     :func:`tune_gc`); :func:`serve_blocking`, which owns the process, sets it."""
@@ -154,6 +156,7 @@ async def run(
         stream_resume_grace=options.stream_resume_grace,
         durability=Durability(options.durability),
         checkpoint_interval=options.checkpoint_interval,
+        isolation=options.isolation,
     )
     shutdown = shutdown or anyio.Event()
     async with Orchestrator(config, metrics=OrchestratorMetrics()) as host:
