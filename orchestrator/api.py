@@ -173,6 +173,8 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
     async def list_sessions() -> Response:
         owner = tenant()
         resident = [view(s) for s in host.list_sessions(owner)]
+        if request.args.get("resident"):  # another node merging every node's sessions
+            return reply({"sessions": resident})
         dormant = [record_view(r) for r in await host.list_dormant(owner)]
         return reply({"sessions": resident + dormant})
 

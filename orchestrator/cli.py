@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +86,32 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="seconds between checkpoints with --durability interval (default 1)",
     )
     p.add_argument(
+        "--workers",
+        default="1",
+        help="worker processes behind the one address, each on its own core: a number, or "
+        "'auto' for the usable cores (default 1); a supervising parent restarts one that dies",
+    )
+    p.add_argument(
+        "--cluster",
+        default=None,
+        help="etcd://HOST:PORT[,HOST:PORT...]: join the cluster whose membership and sessions "
+        "live in that etcd (also $PPIO_CLUSTER)",
+    )
+    p.add_argument("--node-id", default=None, help="this node's name in the cluster")
+    p.add_argument(
+        "--advertise",
+        default=None,
+        help="the URL other nodes and clients reach this node at (default http://HOST:PORT)",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=5.0,
+        help="seconds a dead node keeps its sessions before others take them over (default 5)",
+    )
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
         "--isolation",
         choices=["auto", "bwrap", "none"],
         default="auto",
@@ -138,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     from .server import ServeOptions, serve_blocking
 
+    workers = _workers(parser, args.workers)
     options = ServeOptions(
         host=args.host,
         port=args.port,
@@ -156,8 +184,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         durability=args.durability,
         checkpoint_interval=args.checkpoint_interval,
         isolation=args.isolation,
+        workers=workers,
+        worker_index=args.worker_index,
+        listen_fd=args.listen_fd,
+        cluster=args.cluster or os.environ.get("PPIO_CLUSTER") or None,
+        node_id=args.node_id,
+        advertise=args.advertise,
+        lease_ttl=args.lease_ttl,
     )
+    if workers > 1 and args.worker_index is None:
+        from .server import serve_workers
+
+        return serve_workers(options, arguments)
     return serve_blocking(options)
+
+
+def _workers(parser: argparse.ArgumentParser, value: str) -> int:
+    if value == "auto":
+        from .supervisor import usable_cores
+
+        return usable_cores()
+    try:
+        count = int(value)
+    except ValueError:
+        parser.error(f"--workers must be a number or 'auto', not {value!r}")
+    if not 1 <= count <= 256:
+        parser.error("--workers must be between 1 and 256")
+    return count
 
 
 if __name__ == "__main__":

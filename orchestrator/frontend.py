@@ -21,9 +21,10 @@ from ppio_sandbox.agent_runtime.errors import (
 )
 
 from ._hypercorn import BODY_TIMEOUT_KEY
-from .auth import Authenticator
+from .auth import Authenticator, Principal
 from .host import Orchestrator
 from .hotpath import InvocationHandler
+from .routing import Router
 from .wire import encode_reply
 
 __all__ = ["FrontDoor"]
@@ -73,8 +74,10 @@ class FrontDoor:
         metrics: Any = None,
         max_request_size: int = 8 * 1024 * 1024,
         max_upload_size: int = 64 * 1024 * 1024,
+        router: Router | None = None,
     ) -> None:
         self.host = host
+        self.router = router
         self.api = api
         self.auth = authenticator
         self.metrics = metrics
@@ -112,19 +115,39 @@ class FrontDoor:
     async def _v1(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
         method = scope["method"]
         upload = method == "POST" and path == "/v1/templates"
+        router = self.router
         try:
             body = await self._read_body(
                 scope, receive, self.max_upload_size if upload else self.max_request_size
             )
-            principal = self.auth.authenticate(
-                method, scope.get("raw_path") or path, scope["query_string"], scope["headers"], body
-            )
+            # A request another node forwarded carries the tenant it authenticated.
+            tenant = router.forwarder.is_internal(scope["headers"]) if router else None
+            internal = tenant is not None
+            if tenant is None:
+                tenant = self.auth.authenticate(
+                    method,
+                    scope.get("raw_path") or path,
+                    scope["query_string"],
+                    scope["headers"],
+                    body,
+                ).tenant
         except _Reply as reply:
             await self.send_error(send, reply.error, None, b"", close=True)
             return
         except PPIOAgentRuntimeError as exc:
             await self.send_error(send, exc, None, b"")
             return
+        if router is not None and await router.route(
+            scope,
+            receive,
+            send,
+            body=body,
+            tenant=tenant,
+            internal=internal,
+            error_reply=self.send_error,
+        ):
+            return
+        principal = Principal(tenant, None)
         if method == "POST" and path.endswith("/invocations"):
             parts = path.split("/")  # ['', 'v1', kind, target, 'invocations']
             if len(parts) == 5 and parts[2] in ("sessions", "agents") and parts[3]:
@@ -217,6 +240,8 @@ class FrontDoor:
             await self.send_error(send, NotFoundError("no route /metrics"), None, b"")
             return
         body = self.metrics.render()
+        if self.router is not None and b"local=1" not in scope.get("query_string", b""):
+            body = await self.router.machine_metrics(body)
         await send(
             {
                 "type": "http.response.start",

@@ -125,6 +125,8 @@ class Orchestrator:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self.sessions.start(self._tg)
+        if getattr(self.templates, "shared", False):
+            self._tg.start_soon(self._follow_templates)
         if self.metrics is not None:
             self.metrics.bind(
                 session_states=self.sessions.count_states,
@@ -149,10 +151,27 @@ class Orchestrator:
                 await self.sessions.store.close()
                 await self.templates.close()
 
+    async def _follow_templates(self) -> None:
+        """Workers share one template database: notice the others' changes within a second."""
+        while True:
+            await anyio.sleep(1.0)
+            try:
+                if await self.templates.changed_elsewhere():
+                    self._templates_changed()
+            except Exception as exc:  # a busy database: try again next second
+                logger.debug("checking the template database failed: %s", exc)
+
     def spawn(self, func: Callable[..., Any], *args: Any) -> None:
         if self._tg is None:
             raise RuntimeError("the orchestrator is not running (use `async with`)")
         self._tg.start_soon(func, *args)
+
+    @property
+    def task_group(self) -> anyio.abc.TaskGroup:
+        """The orchestrator's own task group (for the node's background tasks)."""
+        if self._tg is None:
+            raise RuntimeError("the orchestrator is not running (use `async with`)")
+        return self._tg
 
     @property
     def accepting(self) -> bool:
@@ -323,14 +342,19 @@ class Orchestrator:
         logger.info("template %s deployed", template.id)
 
     async def delete_template(self, template: Any, tenant: str) -> None:
-        """Close the template's sessions, stop its sandboxes, forget it."""
+        """Close the tenant's sessions of it, stop its sandboxes, forget it.
+
+        Two tenants who uploaded the same content share its id (and files):
+        one's delete leaves the other's template, sessions and sandboxes be.
+        """
         async with anyio.create_task_group() as tg:
             for session in self.directory:
-                if session.template_id == template.id:
+                if session.template_id == template.id and session.tenant == tenant:
                     tg.start_soon(self.close_session, session, "closed: its template was deleted")
-        await self.drop_provider(template.id)
         await self.templates.delete(template.id, tenant)
         self._templates_changed()
+        if not any(t.id == template.id for t in await self.templates.list()):
+            await self.drop_provider(template.id)
 
     async def drop_provider(self, template_id: str) -> None:
         for key in [k for k in self._providers if k.startswith(f"{template_id}@")]:

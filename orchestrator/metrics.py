@@ -433,3 +433,43 @@ class OrchestratorMetrics:
     def render(self) -> bytes:
         """The exposition text for ``GET /metrics``."""
         return self.registry.render()
+
+
+def merge_expositions(texts: Sequence[bytes]) -> bytes:
+    """One exposition of several processes' (the workers of a machine): samples summed.
+
+    Every family here adds up across processes -- counters, histogram buckets,
+    sums and counts, and the gauges (sessions, queued turns) -- so the
+    machine's figure is the sum of its workers'. HELP and TYPE lines are kept
+    once, in the first text's order.
+    """
+    order: list[str] = []
+    meta: dict[str, list[str]] = {}
+    samples: dict[str, dict[str, float]] = {}
+    for text in texts:
+        family = ""
+        for line in text.decode().splitlines():
+            if not line:
+                continue
+            if line.startswith("#"):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                    if family not in meta:
+                        meta[family] = []
+                        order.append(family)
+                        samples[family] = {}
+                    if all(not known.startswith(f"# {parts[1]} ") for known in meta[family]):
+                        meta[family].append(line)
+                continue
+            series, _, value = line.rpartition(" ")
+            bucket = samples.setdefault(family, {})
+            if family not in meta:
+                meta[family] = []
+                order.append(family)
+            bucket[series] = bucket.get(series, 0.0) + float(value)
+    out: list[str] = []
+    for family in order:
+        out.extend(meta[family])
+        out.extend(f"{series} {_format_value(value)}" for series, value in samples[family].items())
+    return ("\n".join(out) + "\n").encode()

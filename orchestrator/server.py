@@ -7,8 +7,11 @@ finish for ``grace`` seconds, close every sandbox, exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
+import secrets
 import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,8 +25,12 @@ from ppio_sandbox.agent_runtime.server import KeyValueFormatter
 
 from .auth import Authenticator, KeyRing
 from .checkpoints import Durability
+from .forwarding import Forwarder
 from .host import SHARED_TENANT, Orchestrator, OrchestratorConfig
+from .placement import Placement, SingleNode, WorkerSet
+from .routing import Router
 from .session_core import SessionLimits
+from .templates import TemplateStore
 
 __all__ = ["ServeOptions", "run", "serve_blocking"]
 
@@ -63,6 +70,18 @@ class ServeOptions:
     checkpoint_interval: float = 1.0
     isolation: str = "auto"
     """Walls around process sandboxes: ``auto``, ``bwrap`` or ``none`` (docs/sandboxing.md)."""
+    workers: int = 1
+    """Worker processes on this machine (``serve --workers``; see :mod:`.supervisor`)."""
+    worker_index: int | None = None
+    """Set in a worker by its supervisor: which one of ``workers`` this process is."""
+    listen_fd: int | None = None
+    """Set in a worker by its supervisor: the listening socket it inherited."""
+    cluster: str | None = None
+    """``etcd://host:port[,host:port...]``: join that cluster (``serve --cluster``)."""
+    node_id: str | None = None
+    advertise: str | None = None
+    """The URL other nodes reach this one at (``http://host:port``)."""
+    lease_ttl: float = 5.0
     tune_gc: bool = False
     """Tune the process's garbage collector for many long-lived sessions (see
     :func:`tune_gc`); :func:`serve_blocking`, which owns the process, sets it."""
@@ -159,16 +178,30 @@ async def run(
         isolation=options.isolation,
     )
     shutdown = shutdown or anyio.Event()
-    async with Orchestrator(config, metrics=OrchestratorMetrics()) as host:
+    placement, internal_bind = _placement(options)
+    templates = TemplateStore(options.data_dir, shared=options.worker_index is not None)
+    metrics = OrchestratorMetrics()
+    async with Orchestrator(
+        config, templates=templates, ownership=placement, metrics=metrics
+    ) as host:
+        await placement.start(host.task_group)
         for path in options.templates:
             template = await host.register_directory(path, options.template_tenant)
             logger.info("template %s from %s: %s", template.id, path, template.phase)
         api = create_api(host, app_class)
-        front = FrontDoor(host, api, authenticator, metrics=host.metrics)
+        router = forwarder = None
+        if placement.multi_node:
+            forwarder = Forwarder(
+                placement.node_id, _cluster_token(options), retry_after=placement.retry_after
+            )
+            router = Router(host, placement, forwarder)
+        front = FrontDoor(host, api, authenticator, metrics=host.metrics, router=router)
         if options.tune_gc:
             tune_gc()
         hc = Config()
-        hc.bind = [bind]
+        hc.bind = [f"fd://{options.listen_fd}" if options.listen_fd is not None else bind]
+        if internal_bind is not None:
+            hc.bind.append(internal_bind)
         # Sessions are long-lived and their callers think between turns: keep
         # their connections (hypercorn's default closes them after 5 idle
         # seconds), and queue bursts of new ones rather than refuse them.
@@ -218,7 +251,35 @@ async def run(
         logger.info("HTTP stopped; closing %d sessions", len(host.directory))
         with anyio.CancelScope(shield=True):
             await host.shutdown(grace=0)
+            await placement.close()
+            if forwarder is not None:
+                await forwarder.aclose()
     logger.info("orchestrator stopped")
+
+
+def _cluster_token(options: ServeOptions) -> str:
+    """The secret nodes prove themselves to each other with (see :mod:`.forwarding`)."""
+    environ = options.environ if options.environ is not None else os.environ
+    token = environ.get("PPIO_CLUSTER_TOKEN")
+    if not token:
+        if options.worker_index is not None or options.cluster:
+            raise SystemExit("PPIO_CLUSTER_TOKEN must be set for the nodes of a cluster")
+        token = secrets.token_urlsafe(24)
+    return token
+
+
+def _placement(options: ServeOptions) -> tuple[Placement, str | None]:
+    """This node's placement, and the extra address other nodes reach it at."""
+    if options.cluster:
+        raise SystemExit("--cluster is not available in this build")
+    if options.worker_index is not None:
+        placement = WorkerSet(options.worker_index, options.workers, options.data_dir / "run")
+        path = placement.socket_path(options.worker_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # left by this slot's previous worker
+        return placement, f"unix:{path}"
+    return SingleNode(), None
 
 
 async def _on_signals(
@@ -253,14 +314,43 @@ async def _on_signals(
             tg.start_soon(drain_then_stop)
 
 
-def serve_blocking(options: ServeOptions) -> int:
-    """Run :func:`run` on the chosen worker until it stops; the exit code."""
+def _setup_logging(options: ServeOptions) -> None:
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if options.worker_index is not None:
+            fmt = f"%(asctime)s %(levelname)s w{options.worker_index} %(name)s: %(message)s"
+        handler.setFormatter(KeyValueFormatter(fmt))
         root.addHandler(handler)
     logging.getLogger("ppio_sandbox").setLevel(options.log_level.upper())
+
+
+def serve_workers(options: ServeOptions, argv: list[str]) -> int:
+    """``serve --workers N``: the supervising parent (:mod:`.supervisor`); the exit code."""
+    from .supervisor import Supervisor
+
+    _setup_logging(options)
+    keyring = KeyRing.load(options.api_keys, environ=options.environ, files=options.keys_files)
+    bind = _bind_address(options, not keyring.empty)
+    supervisor = Supervisor(
+        argv,
+        workers=options.workers,
+        bind=bind,
+        data_dir=options.data_dir,
+        grace=options.grace,
+        backlog=BACKLOG,
+    )
+    return supervisor.run()
+
+
+def serve_blocking(options: ServeOptions) -> int:
+    """Run :func:`run` on the chosen worker until it stops; the exit code."""
+    _setup_logging(options)
+    if options.worker_index is not None:
+        from .supervisor import become_worker
+
+        become_worker()
     options = replace(options, tune_gc=True)  # this process is the orchestrator's own
     worker = options.worker
     if worker == "trio":

@@ -67,21 +67,21 @@ class Provisioner(Protocol):
 
 
 class Ownership(Protocol):
-    """What the session host needs of placement: ids for new sessions, fences."""
+    """What the session host needs of placement (:mod:`.placement`)."""
 
     def new_session_id(self) -> str: ...
 
     def fence(self, tenant: str, session_id: str) -> Any: ...
 
+    def check_caller_id(self, session_id: str) -> None: ...
 
-class _LocalOwnership:
-    def new_session_id(self) -> str:
-        import secrets
+    async def release(self, tenant: str, session_id: str) -> None: ...
 
-        return "sess-" + secrets.token_hex(8)
 
-    def fence(self, tenant: str, session_id: str) -> Any:
-        return None
+def _local_ownership() -> Ownership:
+    from .placement import SingleNode
+
+    return SingleNode()
 
 
 class _Reaper:
@@ -151,7 +151,7 @@ class SessionHost:
         self.start_timeout = start_timeout
         self.stream_resume_grace = stream_resume_grace
         self.directory = directory or InMemorySessionDirectory()
-        self.ownership: Ownership = ownership or _LocalOwnership()
+        self.ownership: Ownership = ownership or _local_ownership()
         self.metrics = metrics
         self.clock = clock
         self.wall_offset = time.time() - clock()
@@ -217,11 +217,13 @@ class SessionHost:
                     await self.checkpoints.flush(sessions)
                 except ServiceUnavailableError as exc:
                     logger.error("final checkpoint failed, sessions may lose state: %s", exc)
-            reason = "closed: the orchestrator shut down"
             async with anyio.create_task_group() as tg:
                 for session in sessions:
                     tg.start_soon(self.evict, session, "is moving: its node shut down")
-            logger.info("%d sessions checkpointed and evicted (%s)", len(sessions), reason)
+            if sessions:
+                logger.info(
+                    "%d sessions checkpointed, to come back on their next call", len(sessions)
+                )
             return
         async with anyio.create_task_group() as tg:
             for session in sessions:
@@ -252,7 +254,9 @@ class SessionHost:
         self.check_accepting()
         if timeout_seconds is not None:
             timeout_seconds = check_timeout_seconds(timeout_seconds)
-        sid = check_session_id(session_id) if session_id else self.ownership.new_session_id()
+        if session_id:
+            self.ownership.check_caller_id(check_session_id(session_id))
+        sid = session_id or self.ownership.new_session_id()
         template = await self.provisioner.resolve_template(template_id, tenant)
         if template.phase != "deployed":
             raise TemplateNotFoundError(f"template {template.id} is {template.phase}, not deployed")
@@ -460,6 +464,7 @@ class SessionHost:
         await self.checkpoints.forget(
             session, self.ownership.fence(session.tenant, session.session_id)
         )
+        await self.ownership.release(session.tenant, session.session_id)
         logger.info("session %s %s", session.session_id, reason)
 
     async def evict(self, session: Session, reason: str) -> None:
@@ -470,6 +475,7 @@ class SessionHost:
         if session.core.ended:
             return
         await self._end(session, reason, ServiceUnavailableError, tombstone=False)
+        await self.ownership.release(session.tenant, session.session_id)
 
     async def _end(
         self,

@@ -185,12 +185,17 @@ class TemplateStore:
         *,
         max_archive_bytes: int = MAX_ARCHIVE_BYTES,
         max_files: int = MAX_ARCHIVE_FILES,
+        shared: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.max_archive_bytes = max_archive_bytes
         self.max_files = max_files
+        self.shared = shared
+        """One of the workers of ``serve --workers N``: the supervisor holds the data
+        directory's lock and did the crash recovery; this store only reads and writes."""
         self._files = self.data_dir / "templates"
-        self._tmp = self.data_dir / "tmp"
+        self._tmp = self.data_dir / "tmp" / str(os.getpid()) if shared else self.data_dir / "tmp"
+        self._data_version: int | None = None
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
@@ -295,16 +300,17 @@ class TemplateStore:
         if self._db is not None:
             return
         self._files.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(self.data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise RuntimeError(f"{self.data_dir} is in use by another TemplateStore") from None
-        self._lock_fd = lock_fd
+        if not self.shared:
+            lock_fd = os.open(self.data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock_fd)
+                raise RuntimeError(f"{self.data_dir} is in use by another TemplateStore") from None
+            self._lock_fd = lock_fd
         try:
             shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp.mkdir()
+            self._tmp.mkdir(parents=True)
             self._db = db = sqlite3.connect(
                 self.data_dir / "templates.sqlite3", check_same_thread=False, isolation_level=None
             )
@@ -318,6 +324,8 @@ class TemplateStore:
         except BaseException:
             self._close_sync()
             raise
+        if self.shared:
+            return  # the supervisor recovered the directory before starting the workers
         with self._transaction():
             db.execute(
                 "UPDATE templates SET phase = 'failed', error = 'interrupted by a restart',"
@@ -337,6 +345,22 @@ class TemplateStore:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
+            if self.shared:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+    async def changed_elsewhere(self) -> bool:
+        """Whether another process (another worker) changed the templates since the last call."""
+
+        def check() -> bool:
+            with self._lock:
+                if self._db is None:
+                    return False
+                version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
+            changed = self._data_version is not None and version != self._data_version
+            self._data_version = version
+            return changed
+
+        return await self._run(check)
 
     def _template(self, row: tuple[Any, ...]) -> Template:
         fields = dict(zip(_COLUMN_NAMES, row, strict=True))

@@ -231,12 +231,6 @@ async def test_uploading_another_tenants_explicit_template_id_reveals_nothing(
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: deleting a template closes every tenant's sessions of the same id "
-    "(identical uploads share an id); host.py Orchestrator.delete_template matches "
-    "session.template_id only, and drop_provider() drops every tenant's provider",
-)
 async def test_deleting_a_template_spares_another_tenants_sessions(tmp_path: Path) -> None:
     async with serve(tmp_path) as server:
         archive = agent_archive("same-agent")  # identical content: one id for both tenants

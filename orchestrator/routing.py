@@ -1,0 +1,290 @@
+"""Routing: serve a request here, or send it to the node owning its session.
+
+Used by the front door when the node is one of several (``--workers``,
+``--cluster``). A request that names a session -- in its path
+(``/v1/sessions/{id}/...``), in ``X-PPIO-Session-Id`` on the AgentCore route,
+or as ``session_id`` in the body of ``POST /v1/sessions`` -- runs on that
+session's owner (:mod:`.placement`); everything else runs where it arrives.
+``GET /v1/sessions`` asks every node and merges; ``GET /v1/cluster`` shows
+the members.
+
+The common case costs nothing: the owner is read from the session id or
+from a watch-fed cache, never from an engine on the request path. A session
+nobody owns (a new caller-named id, or one whose node died) is claimed by
+the node the request reached, then brought back from its checkpoint there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from ppio_sandbox.agent_runtime.errors import (
+    PPIOAgentRuntimeError,
+    ServiceUnavailableError,
+)
+
+from .forwarding import MISDIRECTED, Forwarder, Misdirected
+from .host import Orchestrator
+from .metrics import merge_expositions
+from .placement import Member, Owner, Placement
+from .wire import decode_object, encode_reply, record_view, session_view
+
+__all__ = ["Router"]
+
+logger = logging.getLogger("ppio_sandbox.orchestrator.routing")
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class Router:
+    """Decides where each ``/v1`` request runs. See the module docstring."""
+
+    def __init__(self, host: Orchestrator, placement: Placement, forwarder: Forwarder) -> None:
+        self.host = host
+        self.placement = placement
+        self.forwarder = forwarder
+        self.wall_offset = time.time() - host.clock()
+
+    # -- which session ------------------------------------------------------
+
+    @staticmethod
+    def session_of(
+        method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> str | None:
+        """The session id a request is about, if it names one."""
+        parts = path.split("/")  # ['', 'v1', 'sessions', id, ...]
+        if len(parts) >= 4 and parts[2] == "sessions" and parts[3]:
+            return parts[3]
+        if len(parts) == 5 and parts[2] == "agents" and parts[4] == "invocations":
+            for name, value in headers:
+                if name in (b"x-ppio-session-id", b"x-amzn-bedrock-agentcore-runtime-session-id"):
+                    return value.decode("latin-1") or None
+            return None
+        if method == "POST" and path == "/v1/sessions" and body:
+            ctype = next((v for n, v in headers if n == b"content-type"), b"")
+            try:
+                named: object = decode_object(ctype, body).get("session_id")
+            except PPIOAgentRuntimeError:
+                return None  # the API answers the 400
+            return named if isinstance(named, str) and named else None
+        return None
+
+    # -- dispatch -----------------------------------------------------------
+
+    async def route(
+        self,
+        scope: dict[str, Any],
+        receive: Receive,
+        send: Send,
+        *,
+        body: bytes,
+        tenant: str,
+        internal: bool,
+        error_reply: Callable[..., Awaitable[None]],
+    ) -> bool:
+        """Handle the request if it is not this node's to serve; True when handled."""
+        method, path = scope["method"], scope["path"]
+        accept = next((v for n, v in scope["headers"] if n == b"accept"), b"")
+        try:
+            if path == "/v1/cluster" and method == "GET":
+                await self._reply(send, await self.cluster_view(), accept)
+                return True
+            if path == "/v1/sessions" and method == "GET" and not internal:
+                await self._reply(send, {"sessions": await self.list_sessions(tenant)}, accept)
+                return True
+            sid = self.session_of(method, path, scope["headers"], body)
+            if sid is None:
+                return False
+            owner = self.placement.owner(tenant, sid)
+            if owner is None:
+                if internal:
+                    return await self._misdirected(send)
+                owner = await self.placement.claim(tenant, sid)
+            if owner.local:
+                self.placement.check_serving()
+                return False
+            if internal:  # another node thought we own it: we do not (any more)
+                return await self._misdirected(send)
+            await self._forward(scope, receive, send, body, tenant, sid, owner)
+        except PPIOAgentRuntimeError as exc:
+            await error_reply(send, exc, None, accept)
+        return True
+
+    async def _forward(
+        self,
+        scope: dict[str, Any],
+        receive: Receive,
+        send: Send,
+        body: bytes,
+        tenant: str,
+        sid: str,
+        owner: Owner,
+    ) -> None:
+        metrics = self.host.metrics
+        for attempt in (1, 2):
+            try:
+                await self.forwarder.forward(
+                    scope,
+                    receive,
+                    send,
+                    body=body,
+                    tenant=tenant,
+                    owner=owner,
+                    owner_url=self._url_of(owner),
+                )
+            except Misdirected:
+                if metrics is not None:
+                    metrics.forwarded_total.labels("misdirected").inc()
+                if attempt == 2:
+                    raise ServiceUnavailableError(
+                        f"session {sid} is moving between nodes; retry", retry_after=1.0
+                    ) from None
+                await anyio.sleep(0.05)  # let the caches catch up, then look again
+                found = self.placement.owner(tenant, sid)
+                if found is None:
+                    found = await self.placement.claim(tenant, sid)
+                if found.local:
+                    raise ServiceUnavailableError(
+                        f"session {sid} has just moved here; retry", retry_after=0.1
+                    ) from None
+                owner = found
+                continue
+            except PPIOAgentRuntimeError:
+                if metrics is not None:
+                    metrics.forwarded_total.labels("unreachable").inc()
+                raise
+            if metrics is not None:
+                metrics.forwarded_total.labels("ok").inc()
+            return
+
+    def _url_of(self, owner: Owner) -> str | None:
+        for member in self.placement.members():
+            if member.node == owner.node and member.address and member.address.startswith("http"):
+                return member.address
+        return None
+
+    async def _misdirected(self, send: Send) -> bool:
+        body = b'{"error":{"type":"Misdirected","message":"this node does not own the session"}}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": MISDIRECTED,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+        return True
+
+    async def _reply(self, send: Send, value: Any, accept: bytes) -> None:
+        body, ctype = encode_reply(value, accept)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", ctype), (b"content-length", b"%d" % len(body))],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    # -- views across nodes -------------------------------------------------
+
+    async def list_sessions(self, tenant: str) -> list[dict[str, Any]]:
+        """Every session of the tenant on every node: resident ones, then dormant ones."""
+        views = [
+            session_view(s, wall_offset=self.wall_offset) for s in self.host.list_sessions(tenant)
+        ]
+        others = [m for m in self.placement.members() if m.node != self.placement.node_id]
+        missing: list[str] = []
+
+        async def ask(node: str, address: str | None) -> None:
+            if address is None:
+                return
+            owner = Owner(node, False, address)
+            try:
+                answer = await self.forwarder.get_json(owner, "/v1/sessions?resident=1", tenant)
+            except PPIOAgentRuntimeError as exc:
+                logger.warning("listing sessions: node %s did not answer: %s", node, exc)
+                missing.append(node)
+                return
+            views.extend(answer.get("sessions", []))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for member in others:
+                    tg.start_soon(ask, member.node, member.address)
+        seen = {view["session_id"] for view in views}
+        for record in await self.host.list_dormant(tenant):
+            if record.session_id not in seen:
+                views.append(record_view(record))
+        return views
+
+    async def machine_metrics(self, own: bytes) -> bytes:
+        """``/metrics`` of every worker of this machine, summed (this one's is ``own``)."""
+        texts = [own]
+
+        async def ask(member: Member) -> None:
+            assert member.address is not None
+            try:
+                with anyio.fail_after(5):
+                    reply = await self.forwarder.get(
+                        Owner(member.node, False, member.address), "/metrics?local=1", ""
+                    )
+            except (PPIOAgentRuntimeError, TimeoutError) as exc:
+                logger.warning("metrics: worker %s did not answer: %s", member.node, exc)
+                return
+            texts.append(reply.content)
+
+        async with anyio.create_task_group() as tg:
+            for member in self.placement.machine_members():
+                if member.node != self.placement.node_id and member.address is not None:
+                    tg.start_soon(ask, member)
+        return merge_expositions(texts)
+
+    async def cluster_view(self) -> dict[str, Any]:
+        """The members, their load (each one asked) and what this node holds."""
+        members: list[dict[str, Any]] = []
+
+        async def describe(member: Member) -> None:
+            view: dict[str, Any] = {
+                "node": member.node,
+                "address": member.address,
+                "incarnation": member.incarnation,
+                "machine": member.machine,
+                "alive": member.alive,
+                "load": dict(member.load),
+                "self": member.node == self.placement.node_id,
+            }
+            members.append(view)
+            if view["self"]:
+                view["load"].update(
+                    sessions=len(self.host.directory), running_turns=self.host.running_turns
+                )
+            elif member.address is not None and member.alive:
+                try:
+                    with anyio.fail_after(2):
+                        answer = await self.forwarder.get_json(
+                            Owner(member.node, False, member.address), "/ping", ""
+                        )
+                except (PPIOAgentRuntimeError, TimeoutError) as exc:
+                    view["alive"] = False
+                    view["error"] = str(exc)
+                else:
+                    view["load"].update(
+                        sessions=answer.get("sessions"), running_turns=answer.get("running_turns")
+                    )
+
+        async with anyio.create_task_group() as tg:
+            for member in self.placement.members():
+                tg.start_soon(describe, member)
+        members.sort(key=lambda view: view["node"])
+        return {
+            "node": self.placement.node_id,
+            "placement": type(self.placement).__name__,
+            "members": members,
+        }
