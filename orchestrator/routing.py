@@ -128,6 +128,12 @@ class Router:
     ) -> None:
         metrics = self.host.metrics
         for attempt in (1, 2):
+            if owner.address is None:  # its node is leaving, or not in view yet
+                raise ServiceUnavailableError(
+                    f"node {owner.node}, which owns session {sid}, cannot be reached; "
+                    "its sessions move to another node shortly",
+                    retry_after=self.placement.retry_after,
+                )
             try:
                 await self.forwarder.forward(
                     scope,

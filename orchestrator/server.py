@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,13 @@ from ppio_sandbox.agent_runtime.server import KeyValueFormatter
 
 from .auth import Authenticator, KeyRing
 from .checkpoints import Durability
+from .cluster.membership import ClusterPlacement
 from .forwarding import Forwarder
 from .host import SHARED_TENANT, Orchestrator, OrchestratorConfig
 from .placement import Placement, SingleNode, WorkerSet
 from .routing import Router
 from .session_core import SessionLimits
+from .state_store import StateStore
 from .templates import TemplateStore
 
 __all__ = ["ServeOptions", "run", "serve_blocking"]
@@ -178,12 +181,14 @@ async def run(
         isolation=options.isolation,
     )
     shutdown = shutdown or anyio.Event()
-    placement, internal_bind = _placement(options)
+    placement, internal_bind, store = _placement(options, bind)
     templates = TemplateStore(options.data_dir, shared=options.worker_index is not None)
     metrics = OrchestratorMetrics()
     async with Orchestrator(
-        config, templates=templates, ownership=placement, metrics=metrics
+        config, templates=templates, store=store, ownership=placement, metrics=metrics
     ) as host:
+        if isinstance(placement, ClusterPlacement):
+            placement.on_lost = host.sessions.evict_all
         await placement.start(host.task_group)
         for path in options.templates:
             template = await host.register_directory(path, options.template_tenant)
@@ -191,9 +196,8 @@ async def run(
         api = create_api(host, app_class)
         router = forwarder = None
         if placement.multi_node:
-            forwarder = Forwarder(
-                placement.node_id, _cluster_token(options), retry_after=placement.retry_after
-            )
+            token = await _cluster_token(options, placement)
+            forwarder = Forwarder(placement.node_id, token, retry_after=placement.retry_after)
             router = Router(host, placement, forwarder)
         front = FrontDoor(host, api, authenticator, metrics=host.metrics, router=router)
         if options.tune_gc:
@@ -257,29 +261,63 @@ async def run(
     logger.info("orchestrator stopped")
 
 
-def _cluster_token(options: ServeOptions) -> str:
-    """The secret nodes prove themselves to each other with (see :mod:`.forwarding`)."""
+async def _cluster_token(options: ServeOptions, placement: Placement) -> str:
+    """The secret nodes prove themselves to each other with (see :mod:`.forwarding`).
+
+    ``$PPIO_CLUSTER_TOKEN`` when set; in an etcd cluster, else the one the
+    first node stored in etcd (readable by whoever may read etcd, which is
+    the cluster's trust boundary anyway).
+    """
     environ = options.environ if options.environ is not None else os.environ
     token = environ.get("PPIO_CLUSTER_TOKEN")
-    if not token:
-        if options.worker_index is not None or options.cluster:
-            raise SystemExit("PPIO_CLUSTER_TOKEN must be set for the nodes of a cluster")
-        token = secrets.token_urlsafe(24)
-    return token
-
-
-def _placement(options: ServeOptions) -> tuple[Placement, str | None]:
-    """This node's placement, and the extra address other nodes reach it at."""
-    if options.cluster:
-        raise SystemExit("--cluster is not available in this build")
+    if token:
+        return token
+    if isinstance(placement, ClusterPlacement):
+        return await placement.shared_token()
     if options.worker_index is not None:
-        placement = WorkerSet(options.worker_index, options.workers, options.data_dir / "run")
-        path = placement.socket_path(options.worker_index)
+        raise SystemExit("PPIO_CLUSTER_TOKEN must be set for the workers of a machine")
+    return secrets.token_urlsafe(24)
+
+
+def _placement(options: ServeOptions, bind: str) -> tuple[Placement, str | None, StateStore | None]:
+    """This node's placement, the extra address other nodes reach it at, its state store."""
+    internal: str | None = None
+    if options.worker_index is not None:
+        path = options.data_dir / "run" / f"w{options.worker_index}.sock"
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # left by this slot's previous worker
-        return placement, f"unix:{path}"
-    return SingleNode(), None
+        internal = f"unix:{path}"
+    if options.cluster:
+        from .cluster._etcd import EtcdClient, parse_cluster_url
+        from .cluster.etcd_store import EtcdStateStore
+
+        client = EtcdClient(parse_cluster_url(options.cluster))
+        node = options.node_id or f"{socket.gethostname()}-{bind.rpartition(':')[2]}"
+        if options.worker_index is not None:
+            node = f"{node}-w{options.worker_index}"
+        cluster = ClusterPlacement(
+            client,
+            node_id=node,
+            address=options.advertise or _default_advertise(bind),
+            internal=internal,
+            ttl=options.lease_ttl,
+        )
+        store = None if options.durability == "none" else EtcdStateStore(client)
+        return cluster, internal, store
+    if options.worker_index is not None:
+        workers = WorkerSet(options.worker_index, options.workers, options.data_dir / "run")
+        return workers, internal, None
+    return SingleNode(), None, None
+
+
+def _default_advertise(bind: str) -> str:
+    if bind.startswith("unix:"):
+        raise SystemExit("--cluster needs a TCP address (--host/--port) or --advertise URL")
+    host, _, port = bind.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = socket.gethostname()
+    return f"http://{host}:{port}"
 
 
 async def _on_signals(
@@ -340,6 +378,7 @@ def serve_workers(options: ServeOptions, argv: list[str]) -> int:
         data_dir=options.data_dir,
         grace=options.grace,
         backlog=BACKLOG,
+        clustered=bool(options.cluster),
     )
     return supervisor.run()
 

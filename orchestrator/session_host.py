@@ -498,6 +498,15 @@ class SessionHost:
                 await session.sandbox.close()
         core.closed()
 
+    async def evict_all(self, reason: str = "is moving: its node lost the cluster") -> None:
+        """Let go of every session at once (the node may no longer own them)."""
+        sessions = list(self.directory)
+        async with anyio.create_task_group() as tg:
+            for session in sessions:
+                tg.start_soon(self.evict, session, reason)
+        if sessions:
+            logger.warning("%d sessions let go of: this node %s", len(sessions), reason[3:])
+
     def _lost(self, session: Session) -> None:
         """A store refused our checkpoint: another node owns the session now."""
         logger.warning(

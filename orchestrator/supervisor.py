@@ -111,6 +111,7 @@ class Supervisor:
         data_dir: Path,
         grace: float,
         backlog: int = 4096,
+        clustered: bool = False,
     ) -> None:
         self.argv = list(argv)
         self.count = workers
@@ -118,6 +119,7 @@ class Supervisor:
         self.data_dir = Path(data_dir)
         self.grace = grace
         self.backlog = backlog
+        self.clustered = clustered
         self.token = os.environ.get("PPIO_CLUSTER_TOKEN") or secrets.token_urlsafe(24)
         self._signals: list[int] = []
         self._slots: list[_Slot] = []
@@ -136,7 +138,9 @@ class Supervisor:
             "--listen-fd",
             str(slot.sock.fileno()),
         ]
-        env = {**os.environ, "PPIO_CLUSTER_TOKEN": self.token}
+        env = dict(os.environ)
+        if self.clustered is False:  # a cluster's nodes share etcd's token instead
+            env["PPIO_CLUSTER_TOKEN"] = self.token
         # Its own process group: a Ctrl-C in the terminal reaches the parent only,
         # which then drains the workers once (a second signal would force them).
         slot.proc = subprocess.Popen(
