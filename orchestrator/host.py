@@ -111,6 +111,8 @@ class Orchestrator:
         self._resolved: dict[tuple[str, str], Any] = {}
         self._template_generation = 0
         self.sandbox_policy = SandboxPolicy(trust_uploads=self.config.trust_uploads)
+        self.template_index: Any = None
+        """A cluster's shared index (:mod:`.cluster.template_index`), else None."""
         self._tg: anyio.abc.TaskGroup | None = None
 
     # -- lifecycle ----------------------------------------------------------
@@ -262,16 +264,42 @@ class Orchestrator:
             return cached
         generation = self._template_generation
         try:
-            template = await self.templates.resolve(agent_id, tenant)
+            template = await self._resolve_here(agent_id, tenant)
         except TemplateNotFoundError:
-            if tenant == SHARED_TENANT:
+            template = await self._fetch(agent_id, tenant)  # deployed on another node?
+            if template is None:
                 raise
-            template = await self.templates.resolve(agent_id, SHARED_TENANT)
         if template.phase == "deployed" and generation == self._template_generation:
             if len(self._resolved) >= 4096:
                 self._resolved.clear()
             self._resolved[(tenant, agent_id)] = template
         return template
+
+    async def _resolve_here(self, agent_id: str, tenant: str) -> Any:
+        try:
+            return await self.templates.resolve(agent_id, tenant)
+        except TemplateNotFoundError:
+            if tenant == SHARED_TENANT:
+                raise
+            return await self.templates.resolve(agent_id, SHARED_TENANT)
+
+    async def _fetch(self, agent_id: str, tenant: str) -> Any | None:
+        """A template another node of the cluster deployed: stored and built here now."""
+        index = self.template_index
+        if index is None:
+            return None
+        for owner in dict.fromkeys((tenant, SHARED_TENANT)):
+            archive = await index.find(agent_id, owner)
+            if archive is None:
+                continue
+            template = await self.templates.put_archive(archive, owner)
+            if owner == SHARED_TENANT:
+                self.sandbox_policy.vouch(template)  # an operator's, on another node
+            if template.phase != "deployed":
+                await self.build_template(template)
+            logger.info("template %s fetched from the cluster", template.id)
+            return await self.templates.get(template.id, owner)
+        return None
 
     def _templates_changed(self) -> None:
         self._template_generation += 1
@@ -288,6 +316,8 @@ class Orchestrator:
         """Store an uploaded template and smoke-test it in the background."""
         self._check_accepting()
         template = await self.templates.put_archive(data, tenant)
+        if self.template_index is not None:
+            await self.template_index.publish(template, data)
         self._templates_changed()
         if template.phase == "pending" and (tenant, template.id) not in self._building:
             self.spawn(self.build_template, template)
@@ -299,6 +329,11 @@ class Orchestrator:
         self.sandbox_policy.vouch(template)  # the operator's own: may run in-process
         if template.phase != "deployed":
             await self.build_template(template)
+        if self.template_index is not None:
+            from .templates import pack_directory
+
+            archive = await anyio.to_thread.run_sync(pack_directory, Path(path))
+            await self.template_index.publish(template, archive)
         return await self.templates.get(template.id, tenant)
 
     async def build_template(self, template: Any) -> None:
@@ -352,6 +387,8 @@ class Orchestrator:
                 if session.template_id == template.id and session.tenant == tenant:
                     tg.start_soon(self.close_session, session, "closed: its template was deleted")
         await self.templates.delete(template.id, tenant)
+        if self.template_index is not None:
+            await self.template_index.unpublish(template)
         self._templates_changed()
         if not any(t.id == template.id for t in await self.templates.list()):
             await self.drop_provider(template.id)
@@ -362,8 +399,14 @@ class Orchestrator:
 
     # -- the session host's provisioner --------------------------------------
 
-    async def template_by_id(self, template_id: str) -> Any:
-        return await self.templates.get(template_id)
+    async def template_by_id(self, template_id: str, tenant: str = SHARED_TENANT) -> Any:
+        try:
+            return await self.templates.get(template_id)
+        except TemplateNotFoundError:
+            template = await self._fetch(template_id, tenant)
+            if template is None:
+                raise
+            return template
 
     def turn_timeout(self, template_id: str) -> float:
         """The template's ``spec.runtime.timeout`` for each turn."""

@@ -188,7 +188,10 @@ async def run(
         config, templates=templates, store=store, ownership=placement, metrics=metrics
     ) as host:
         if isinstance(placement, ClusterPlacement):
+            from .cluster.template_index import EtcdTemplateIndex
+
             placement.on_lost = host.sessions.evict_all
+            host.template_index = EtcdTemplateIndex(placement.client, placement.prefix)
         await placement.start(host.task_group)
         for path in options.templates:
             template = await host.register_directory(path, options.template_tenant)

@@ -59,7 +59,7 @@ class Provisioner(Protocol):
 
     async def resolve_template(self, agent_id: str, tenant: str) -> Any: ...
 
-    async def template_by_id(self, template_id: str) -> Any: ...
+    async def template_by_id(self, template_id: str, tenant: str = ...) -> Any: ...
 
     async def provider_for(self, template: Any) -> SandboxProvider: ...
 
@@ -355,7 +355,7 @@ class SessionHost:
             self.directory.add_tombstone(tenant, session_id, reason)
             raise SessionNotFoundError(f"session {session_id} {reason}")
         try:
-            template = await self.provisioner.template_by_id(record.template_id)
+            template = await self.provisioner.template_by_id(record.template_id, tenant)
         except TemplateNotFoundError:
             reason = f"closed: its template {record.template_id} is gone"
             await self.store.delete(tenant, session_id, self.ownership.fence(tenant, session_id))
