@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench clean system-deps
+.PHONY: demo demo-cluster test lint typecheck check bench clean system-deps
 
 # Debian packages the tests use, as PACKAGE:PROGRAM (see scripts/ensure-debian-packages):
 # bubblewrap and setpriv build the process sandboxes' walls (docs/sandboxing.md).
@@ -21,6 +21,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m examples.demo
+	$(BIN)/python -m examples.cluster_demo
+
+# Three nodes on one etcd, and a session that moves when its node is killed (~10 s).
+demo-cluster: $(STAMP)
+	$(BIN)/python -m examples.cluster_demo
 
 system-deps:
 	@scripts/ensure-debian-packages $(DEBIAN_PACKAGES)

@@ -73,3 +73,21 @@ def test_demo_runs_both_parts_through_the_client_and_the_cli() -> None:
     assert "errors              | 0" in out
     assert "demo finished" in out
     assert "burst [" in done.stderr  # the progress bar
+
+
+def test_cluster_demo_moves_a_session_off_a_killed_node() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.cluster_demo"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PPIO_")},
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert out.count("owner n1:") == 3  # turns 2-4, sent through other nodes, ran on n1
+    assert "kill -9 n1" in out
+    assert "restored from its checkpoint: (5) you said 'again'; before that: 'p4'" in out
+    assert "members now: n2, n3" in out
