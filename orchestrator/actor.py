@@ -169,6 +169,8 @@ class ActorHost(Protocol):
 
     def crash_verdict(self, session: Session) -> tuple[bool, str | None]: ...
 
+    def spawn(self, func: Callable[..., Any], *args: Any) -> None: ...
+
     async def replace_sandbox(self, session: Session, restart: bool) -> None: ...
 
 
@@ -204,20 +206,44 @@ class TurnRunner:
             if not core.ended and core.queued and not core.paused:
                 self.host.activate(session)
 
-    async def _run_turn(self, session: Session, turn: Turn) -> None:
+    async def run_inline(self, session: Session, turn: Turn) -> None:
+        """Run a turn of an idle session in the caller's task: no hand-off to an actor.
+
+        The turn starts in the request's task; a plain reply finishes there. A
+        stream is handed to a task of its own (in the host's task group), which
+        outlives the request, as an actor's would. The caller leaving does not
+        stop the turn (its reply is kept for a retry). Turns that queued up
+        meanwhile go to an actor afterwards.
+        """
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._run_turn(session, turn, inline=True)
+        finally:
+            core = session.core
+            if not core.ended and core.queued and not core.paused:
+                self.host.activate(session)
+
+    async def _run_turn(self, session: Session, turn: Turn, *, inline: bool = False) -> None:
         host = self.host
-        core = session.core
-        outcome = TurnOutcome.OK
+        timeout = host.turn_timeout(session)
+        deadline = anyio.current_time() + timeout
+        host.turn_started()
         result: Any = None
         error: PPIOAgentRuntimeError | None = None
-        host.turn_started()
-        timeout = host.turn_timeout(session)
+        outcome = TurnOutcome.OK
         # One scope for both ways a turn is stopped: its deadline, and
         # turn.cancel (called once the core has recorded why: core.stop).
-        with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
+        with anyio.CancelScope(deadline=deadline) as scope:
             turn.cancel = scope.cancel
             try:
-                result = await self._execute(session, turn)
+                result = await self._start(session, turn)
+                if hasattr(result, "__anext__"):
+                    if inline:  # the stream outlives the request: a task of its own
+                        turn.cancel = None
+                        host.spawn(self._run_stream, session, turn, result, deadline, timeout)
+                        return
+                    await self._stream(session, turn, result)
+                    result = None
             except SandboxCrashedError as exc:
                 error, outcome = exc, TurnOutcome.CRASHED
             except PPIOAgentRuntimeError as exc:
@@ -226,6 +252,42 @@ class TurnRunner:
                 if is_cancellation(exc):
                     raise
                 error, outcome = InvocationError(describe_failure(exc)), TurnOutcome.ERROR
+        await self._finish(session, turn, scope, timeout, outcome, result, error)
+
+    async def _run_stream(
+        self, session: Session, turn: Turn, stream: Any, deadline: float, timeout: float
+    ) -> None:
+        """The rest of an inline turn whose reply is a stream."""
+        error: PPIOAgentRuntimeError | None = None
+        outcome = TurnOutcome.OK
+        with anyio.CancelScope(deadline=deadline) as scope:
+            turn.cancel = scope.cancel
+            try:
+                await self._stream(session, turn, stream)
+            except SandboxCrashedError as exc:
+                error, outcome = exc, TurnOutcome.CRASHED
+            except PPIOAgentRuntimeError as exc:
+                error, outcome = exc, TurnOutcome.ERROR
+            except BaseException as exc:
+                if is_cancellation(exc):
+                    raise
+                error, outcome = InvocationError(describe_failure(exc)), TurnOutcome.ERROR
+        await self._finish(session, turn, scope, timeout, outcome, None, error)
+        core = session.core
+        if not core.ended and core.queued and not core.paused:
+            self.host.activate(session)
+
+    async def _finish(
+        self,
+        session: Session,
+        turn: Turn,
+        scope: anyio.CancelScope,
+        timeout: float,
+        outcome: TurnOutcome,
+        result: Any,
+        error: PPIOAgentRuntimeError | None,
+    ) -> None:
+        host = self.host
         turn.cancel = None
         if scope.cancelled_caught:
             if turn.stop_error is None:
@@ -248,15 +310,15 @@ class TurnRunner:
         if error is not None:
             error.request_id = turn.request_id
             result = None
-        core.finish(turn, outcome, host.clock(), result=result, error=error)
+        session.core.finish(turn, outcome, host.clock(), result=result, error=error)
         host.turn_finished(session, turn, outcome)
         notify(turn)
         if outcome is TurnOutcome.CRASHED:
             with anyio.CancelScope(shield=True):
                 await host.replace_sandbox(session, restart)
 
-    async def _execute(self, session: Session, turn: Turn) -> Any:
-        """Run the turn in the sandbox: its result, or None once a stream is consumed."""
+    async def _start(self, session: Session, turn: Turn) -> Any:
+        """Hand the turn to the sandbox: its result, or an async iterator of chunks."""
         sandbox = session.sandbox
         if sandbox is None or not sandbox.alive:
             raise SandboxCrashedError(f"session {session.session_id} has no running sandbox")
@@ -268,9 +330,10 @@ class TurnRunner:
             request_id=turn.request_id,
             state=session.state,
         )
-        result = await sandbox.invoke(call)
-        if not hasattr(result, "__anext__"):
-            return result
+        return await sandbox.invoke(call)
+
+    async def _stream(self, session: Session, turn: Turn, result: Any) -> None:
+        """Take a streamed reply's chunks as its readers take them."""
         core = session.core
         core.stream_started(turn)
         notify(turn)
@@ -293,4 +356,3 @@ class TurnRunner:
             if aclose is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await aclose()
-        return None

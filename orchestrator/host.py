@@ -475,8 +475,9 @@ class Orchestrator:
         body_hash: bytes,
         request_id: str,
         strategy: Strategy = Strategy.ENQUEUE,
+        inline: bool = False,
     ) -> tuple[Admission, Turn]:
-        """Admit one invocation; the caller then waits on the returned turn."""
+        """Admit one invocation; the caller then waits on the returned turn (see SessionHost)."""
         return self.sessions.submit(
             session,
             payload,
@@ -484,7 +485,11 @@ class Orchestrator:
             body_hash=body_hash,
             request_id=request_id,
             strategy=strategy,
+            inline=inline,
         )
+
+    async def run_inline(self, session: Session, turn: Turn) -> None:
+        await self.sessions.run_inline(session, turn)
 
     def reader_left(self, session: Session, turn: Turn) -> None:
         self.sessions.reader_left(session, turn)

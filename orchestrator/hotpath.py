@@ -117,6 +117,7 @@ class InvocationHandler:
                 body_hash=hashlib.sha256(body).digest(),
                 request_id=request_id,
                 strategy=strategy,
+                inline=True,
             )
         except PPIOAgentRuntimeError as exc:
             await self.error_reply(send, exc, request_id, h.get("accept", b""))
@@ -131,6 +132,8 @@ class InvocationHandler:
         turn.readers += 1
         streaming = False
         try:
+            if admission is Admission.RUN:  # an idle session: no hand-off to its actor
+                await host.run_inline(session, turn)
             await wait_started(turn)
             streaming = turn.streaming
             if streaming:

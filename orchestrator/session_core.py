@@ -122,6 +122,7 @@ class Turn:
         "result",
         "started_at",
         "stop_error",
+        "strategy",
         "streaming",
         "submitted_at",
         "wire",
@@ -147,6 +148,7 @@ class Turn:
         self.error: PPIOAgentRuntimeError | None = None
         self.outcome: TurnOutcome | None = None
         self.stop_error: PPIOAgentRuntimeError | None = None  # why it is being stopped
+        self.strategy: Strategy | None = None  # set when admitted (None: restored)
         self.streaming = False
         self.events: list[Any] = []
         self.wire: bytes | None = None  # the checkpoint's encoding, once done
@@ -175,6 +177,7 @@ class Admission(enum.Enum):
     """What :meth:`SessionCore.admit` decided."""
 
     QUEUED = "queued"  # a new turn, in the mailbox
+    RUN = "run"  # a new turn of an idle session, taken at once: the caller runs it
     REPLAY = "replay"  # a finished turn with this key: serve its stored reply
     JOIN = "join"  # the same key is queued or running: wait for it
 
@@ -423,6 +426,7 @@ class SessionCore:
                     f"Idempotency-Key {turn.key!r} was used with a different body"
                 )
             return (Admission.REPLAY if cached.done else Admission.JOIN), cached, None
+        turn.strategy = strategy
         busy = self.running is not None or self.queued > 0
         to_cancel: Turn | None = None
         if busy and strategy is Strategy.REJECT:

@@ -590,8 +590,14 @@ class SessionHost:
         body_hash: bytes,
         request_id: str,
         strategy: Strategy = Strategy.ENQUEUE,
+        inline: bool = False,
     ) -> tuple[Admission, Turn]:
-        """Admit one invocation; the caller then waits on the returned turn."""
+        """Admit one invocation; the caller then waits on the returned turn.
+
+        With ``inline``, a turn of an idle session (nothing running, nothing
+        queued before it) is taken at once and :attr:`Admission.RUN` returned:
+        the caller runs it with :meth:`run_inline`, in its own task.
+        """
         self.check_accepting()
         now = self.clock()
         turn = Turn(key, body_hash, payload, request_id=request_id, submitted_at=now)
@@ -602,8 +608,15 @@ class SessionHost:
             if core.stop(to_cancel, error):
                 to_cancel.cancel()
         if admission is Admission.QUEUED:
+            idle = core.running is None and core.queued == 1 and not core.paused
+            if inline and idle and core.next_turn(now) is turn:
+                return Admission.RUN, turn
             self.activate(session)
         return admission, turn
+
+    async def run_inline(self, session: Session, turn: Turn) -> None:
+        """Run a turn :meth:`submit` gave back as :attr:`Admission.RUN`, in this task."""
+        await self._runner.run_inline(session, turn)
 
     def activate(self, session: Session) -> None:
         """Make sure an actor task runs the session's mailbox."""
