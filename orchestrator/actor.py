@@ -13,7 +13,7 @@ with :func:`read_batches`; the actor publishes progress with :func:`notify`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -127,7 +127,7 @@ async def wait_started(turn: Turn) -> None:
 
 async def read_batches(
     turn: Turn, start: int = 0, *, live: bool = True
-) -> AsyncIterator[tuple[int, list[Any]]]:
+) -> AsyncIterator[tuple[int, Sequence[Any]]]:
     """Yield ``(seq, chunks)`` from event ``start`` (0-based) until the turn ends.
 
     ``chunks`` are all the events ready so far (at most :data:`BATCH_MAX`),

@@ -26,8 +26,8 @@ evicted first) for at most ``idempotency_ttl`` seconds after they finish.
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ppio_sandbox.agent_runtime.errors import (
@@ -150,7 +150,7 @@ class Turn:
         self.stop_error: PPIOAgentRuntimeError | None = None  # why it is being stopped
         self.strategy: Strategy | None = None  # set when admitted (None: restored)
         self.streaming = False
-        self.events: list[Any] = []
+        self.events: Sequence[Any] = _NO_EVENTS  # a list of its own once it streams
         self.wire: bytes | None = None  # the checkpoint's encoding, once done
         self.change = 0  # the session's change count when it finished (durability)
         self.acked = 0  # events the live reader has consumed (backpressure)
@@ -167,6 +167,10 @@ class Turn:
     @property
     def running(self) -> bool:
         return self.started_at is not None and self.finished_at is None
+
+
+_DONE: dict[str, Any] = {}  # the payload of every finished turn (never written to)
+_NO_EVENTS: tuple[Any, ...] = ()  # the events of every turn that does not stream
 
 
 class IllegalTransition(RuntimeError):
@@ -266,7 +270,7 @@ class SessionCore:
         self.turns_ok = 0
         self.turns_failed = 0
         self._mailbox: deque[Turn] | None = None
-        self._cache: OrderedDict[str, Turn] | None = None
+        self._cache: dict[str, Turn] | None = None  # insertion-ordered: oldest first
         self._restarts: deque[float] | None = None
 
     # -- lifecycle ----------------------------------------------------------
@@ -477,12 +481,14 @@ class SessionCore:
         """The running turn's reply is a stream (its chunks follow)."""
         self._check_running(turn, "stream_started()")
         turn.streaming = True
+        turn.events = []
 
     def add_chunk(self, turn: Turn, chunk: Any) -> int:
         """One more chunk of the running stream; returns how many there are."""
         if not turn.streaming or turn.finished_at is not None:
             raise IllegalTransition(f"session {self.session_id}: chunk for a turn not streaming")
         events = turn.events
+        assert isinstance(events, list)
         events.append(chunk)
         return len(events)
 
@@ -521,6 +527,7 @@ class SessionCore:
         turn.result = result
         turn.error = error
         turn.finished_at = now
+        turn.payload = _DONE  # a replay compares body hashes; the body itself is not kept
         if outcome is TurnOutcome.OK:
             self.turns_ok += 1
         else:
@@ -570,7 +577,7 @@ class SessionCore:
 
     def _remember(self, turn: Turn, now: float) -> None:
         if self._cache is None:
-            self._cache = OrderedDict()
+            self._cache = {}
         self._cache[turn.key] = turn
         self._evict(now)
 
@@ -637,6 +644,6 @@ class SessionCore:
             if turn.finished_at is None:
                 raise IllegalTransition(f"session {session_id}: restoring an unfinished turn")
             if core._cache is None:
-                core._cache = OrderedDict()
+                core._cache = {}
             core._cache[turn.key] = turn
         return core

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.anyio
 def turn_with(events: list[Any], *, done: bool) -> Turn:
     turn = Turn("k", b"", {}, request_id="r", submitted_at=0.0)
     turn.streaming = True
-    turn.events.extend(events)
+    turn.events = list(events)
     if done:
         turn.finished_at = 1.0
     return turn
@@ -42,6 +42,7 @@ async def test_a_live_reader_takes_what_piled_up_and_acknowledges_it() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(reader)
             await anyio.wait_all_tasks_blocked()
+            assert isinstance(turn.events, list)
             turn.events.extend(["a", "b", "c"])  # three chunks before the reader runs
             notify(turn)
             await anyio.wait_all_tasks_blocked()
