@@ -86,6 +86,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="seconds between checkpoints with --durability interval (default 1)",
     )
     p.add_argument(
+        "--server",
+        choices=["hypercorn", "uvicorn"],
+        default="hypercorn",
+        help="HTTP server: hypercorn (default; asyncio or trio) or uvicorn (httptools and "
+        "uvloop, asyncio only; pip install 'ppio-agent-runtime[fast]')",
+    )
+    p.add_argument(
         "--workers",
         default="1",
         help="worker processes behind the one address, each on its own core: a number, or "
@@ -184,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         durability=args.durability,
         checkpoint_interval=args.checkpoint_interval,
         isolation=args.isolation,
+        server=args.server,
         workers=workers,
         worker_index=args.worker_index,
         listen_fd=args.listen_fd,

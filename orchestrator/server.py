@@ -73,6 +73,8 @@ class ServeOptions:
     checkpoint_interval: float = 1.0
     isolation: str = "auto"
     """Walls around process sandboxes: ``auto``, ``bwrap`` or ``none`` (docs/sandboxing.md)."""
+    server: str = "hypercorn"
+    """The HTTP server: ``hypercorn`` (asyncio or trio) or ``uvicorn`` (asyncio only)."""
     workers: int = 1
     """Worker processes on this machine (``serve --workers``; see :mod:`.supervisor`)."""
     worker_index: int | None = None
@@ -160,6 +162,10 @@ async def run(
     if not authenticator.enabled:
         logger.warning("no API keys configured: authentication is off (loopback only)")
     on_trio = sniffio.current_async_library() == "trio"
+    if options.server not in ("hypercorn", "uvicorn"):
+        raise SystemExit(f"--server must be hypercorn or uvicorn, not {options.server!r}")
+    if options.server == "uvicorn" and on_trio:
+        raise SystemExit("--server uvicorn runs on asyncio only; use --worker asyncio|uvloop")
     # hypercorn's worker_serve (what its serve() runs) takes sockets already
     # bound: run() binds them itself, so it knows when they listen.
     if on_trio:
@@ -238,7 +244,10 @@ async def run(
                     for sock in listening:
                         sock.listen(hc.backlog)
                     task_status.started()
-                    await worker_serve(app, hc, sockets=sockets, shutdown_trigger=shutdown.wait)
+                    if options.server == "uvicorn":
+                        await _serve_uvicorn(front, listening, shutdown, options.grace)
+                    else:
+                        await worker_serve(app, hc, sockets=sockets, shutdown_trigger=shutdown.wait)
                 except Exception as exc:
                     # hypercorn's asyncio worker raises InvalidStateError when
                     # its graceful wait is cancelled: a forced stop, not a crash.
@@ -262,6 +271,47 @@ async def run(
             if forwarder is not None:
                 await forwarder.aclose()
     logger.info("orchestrator stopped")
+
+
+async def _serve_uvicorn(
+    front: Any, sockets: list[socket.socket], shutdown: anyio.Event, grace: float
+) -> None:
+    """``serve --server uvicorn``: the same application on uvicorn (httptools, uvloop).
+
+    Signals stay ours (drain first): uvicorn's own handlers are left out by
+    serving through ``Server._serve``, the part of ``Server.serve`` inside its
+    signal capture. hypercorn's request deadlines (``--header-timeout``,
+    ``--body-timeout``) do not apply; uvicorn closes idle keep-alive
+    connections after ``KEEP_ALIVE_TIMEOUT`` and bounds incomplete requests by size.
+    """
+    import uvicorn
+
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        http = "h11"
+    else:
+        http = "httptools"
+    config = uvicorn.Config(
+        front,
+        http=http,
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=int(KEEP_ALIVE_TIMEOUT),
+        timeout_graceful_shutdown=int(min(grace, 5.0)),
+        backlog=BACKLOG,
+    )
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_shutdown() -> None:
+            await shutdown.wait()
+            server.should_exit = True
+
+        tg.start_soon(stop_on_shutdown)
+        await server._serve(sockets=sockets)
+        tg.cancel_scope.cancel()
 
 
 async def _cluster_token(options: ServeOptions, placement: Placement) -> str:
@@ -306,7 +356,9 @@ def _placement(options: ServeOptions, bind: str) -> tuple[Placement, str | None,
             internal=internal,
             ttl=options.lease_ttl,
         )
-        store = None if options.durability == "none" else EtcdStateStore(client)
+        store: StateStore | None = None
+        if options.durability != "none":
+            store = EtcdStateStore(client, retry_after=cluster.retry_after)
         return cluster, internal, store
     if options.worker_index is not None:
         workers = WorkerSet(options.worker_index, options.workers, options.data_dir / "run")
