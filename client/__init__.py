@@ -17,7 +17,8 @@ re-exported here: the client raises the class the server named.
 Layout: ``_client`` (AgentRuntimeClient), ``_session`` (SandboxSession), ``_pool``
 (SessionPool: the supervisor's warm sessions; ``_pool_stream``, a pooled turn's chunks),
 ``_invocation`` (replies and streams), ``_connection`` (httpx pool, deadlines,
-error mapping), ``_retry`` (when to retry, retry budget), ``_auth`` (Bearer/HMAC),
+error mapping), ``_owners`` (straight to a session's owner node), ``_retry`` (when
+to retry, retry budget), ``_auth`` (Bearer/HMAC),
 ``_templates`` (TTL cache, deploy; archives from ``agent_runtime.packaging``),
 ``_models`` (views, encoding once), ``_config``, ``_sync``, ``_sync_session`` and
 ``_sync_pool`` (the blocking facade).

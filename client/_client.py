@@ -47,11 +47,15 @@ class AgentRuntimeClient:
     ``api_secret`` every request is HMAC-signed (``api_key`` is then the access
     key id). Without arguments ``$PPIO_API_KEY`` and ``$PPIO_API_SECRET`` are
     used, and ``$PPIO_BASE_URL`` names the server unless ``config`` does.
-    ``transport`` replaces httpx's (e.g. ``httpx.AsyncHTTPTransport(uds=...)``).
+    ``transport`` replaces httpx's (e.g. ``httpx.AsyncHTTPTransport(uds=...)``)
+    for ``base_url``; a session's owner node (see below) is reached over
+    httpx's own transport.
 
     One client holds one keep-alive connection pool: create it once, use it
-    for many calls, close it with ``async with`` or :meth:`aclose` (which also
-    closes the sessions it created).
+    for many calls, close it with ``async with`` or :meth:`aclose` (alias
+    :meth:`close`; it also closes the sessions it created). In a cluster it
+    also keeps a pool per node that owns one of its sessions, and sends
+    that session's requests there directly (``ClientConfig.direct_to_owner``).
 
     >>> import asyncio
     >>> from ppio_sandbox.agent_runtime import AgentRuntimeClient, InvocationRequest
@@ -86,7 +90,11 @@ class AgentRuntimeClient:
 
     @property
     def http_client(self) -> httpx.AsyncClient:
-        """The underlying ``httpx.AsyncClient`` (e.g. to add event hooks)."""
+        """The ``httpx.AsyncClient`` of ``base_url`` (e.g. to add event hooks).
+
+        The pools to sessions' owner nodes start with its event hooks as they
+        are when each pool is opened (on the first request to that node).
+        """
         return self._conn.http
 
     def __repr__(self) -> str:
@@ -113,6 +121,10 @@ class AgentRuntimeClient:
                 logger.warning("could not close every session: %s", exc)
             finally:
                 await self._conn.aclose()
+
+    async def close(self) -> None:
+        """The same as :meth:`aclose` (the name other SDKs use)."""
+        await self.aclose()
 
     # -- invocations --------------------------------------------------------
 

@@ -78,6 +78,18 @@ class ClientConfig:
     ``"msgpack"``; streams are always Server-Sent Events with JSON data).
     ``deploy_timeout`` bounds :meth:`AgentRuntimeClient.deploy_template`'s
     wait for a build. ``headers`` are added to every request.
+
+    ``direct_to_owner``: in a cluster, a node that forwarded a request to the
+    node owning its session names that node in the reply
+    (``X-PPIO-Owner-URL``); the client then sends that session's later
+    requests (turns, streams, ping, pause/resume, timeout, get, close)
+    straight there, with the same credentials (an HMAC signature is made
+    for the URL used). If the owner cannot be connected to, or answers 421
+    or 503, the same request goes at once to ``base_url``, which routes it.
+    Requests about no particular session always go to ``base_url``; an
+    owner URL that is not ``http(s)``, or is ``http`` while ``base_url`` is
+    ``https``, is ignored. ``False``: every request goes to ``base_url``
+    (e.g. when the nodes' advertised addresses are not reachable from here).
     """
 
     base_url: str = field(default_factory=_base_url_from_env)
@@ -96,6 +108,7 @@ class ClientConfig:
     max_keepalive_connections: int = 20
     deploy_timeout: float = 300
     headers: Mapping[str, str] = field(default_factory=dict)
+    direct_to_owner: bool = True
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):

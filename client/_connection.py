@@ -12,13 +12,22 @@
 - turns the server's error envelope into the exception class the server
   named (:func:`error_from_envelope`), and a transport failure into a
   :class:`ServiceUnavailableError` ("cannot reach ...") or
-  :class:`InvocationTimeoutError`, with the httpx exception chained.
+  :class:`InvocationTimeoutError`, with the httpx exception chained;
+- for a request about one session, goes straight to the session's owner
+  node when a reply named it (``X-PPIO-Owner-URL``, see :mod:`._owners`;
+  ``ClientConfig.direct_to_owner``). If the owner cannot be connected to,
+  or answers 421 (it no longer owns the session) or 503, the owner is
+  forgotten and the same request (same bytes, same ``Idempotency-Key``) goes
+  at once to the configured base URL, which routes it to the current owner;
+  that fallback is part of the same attempt (same deadline, no retry spent),
+  and the rest of the call stays on the base URL.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import anyio
@@ -41,11 +50,16 @@ from ppio_sandbox.agent_runtime.protocol import (
 
 from ._config import ClientConfig
 from ._models import PreparedInvocation, decode_reply, new_key
+from ._owners import OwnerRoutes, session_of
 from ._retry import RetryBudget, RetryPolicy, RetryState, parse_retry_after
 
 __all__ = ["ApiConnection", "decode_reply", "error_from_response", "is_event_stream"]
 
+logger = logging.getLogger("ppio_sandbox.client")
+
 _USER_AGENT = "ppio-sandbox-client/0.1"
+_MISDIRECTED = 421  # the owner asked no longer owns the session
+_OWNER_FALLBACK = frozenset({_MISDIRECTED, 503})
 
 
 def is_event_stream(response: httpx.Response) -> bool:
@@ -93,21 +107,40 @@ class ApiConnection:
                 config.retry_budget_min_tokens,
                 config.retry_budget_max_tokens,
             )
+        self._auth = auth
+        self.http = self._http_client(config.base_url, transport)
+        self.owners: OwnerRoutes | None = None
+        if config.direct_to_owner:
+            self.owners = OwnerRoutes(config.base_url, self._owner_client)
+
+    def _http_client(
+        self, base_url: str, transport: httpx.AsyncBaseTransport | None = None
+    ) -> httpx.AsyncClient:
         # No httpx read/pool timeouts: each call's deadline is an anyio cancel scope.
-        self.http = httpx.AsyncClient(
-            base_url=config.base_url,
-            auth=auth,
+        return httpx.AsyncClient(
+            base_url=base_url,
+            auth=self._auth,
             transport=transport,
-            timeout=httpx.Timeout(None, connect=config.connect_timeout),
+            timeout=httpx.Timeout(None, connect=self.config.connect_timeout),
             limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_keepalive_connections,
+                max_connections=self.config.max_connections,
+                max_keepalive_connections=self.config.max_keepalive_connections,
             ),
-            headers={"User-Agent": _USER_AGENT, **config.headers},
+            headers={"User-Agent": _USER_AGENT, **self.config.headers},
         )
 
+    def _owner_client(self, url: str) -> httpx.AsyncClient:
+        """A pool to an owner node: httpx's own transport, the base pool's auth and hooks."""
+        client = self._http_client(url)
+        client.event_hooks = self.http.event_hooks
+        return client
+
     async def aclose(self) -> None:
-        await self.http.aclose()
+        try:
+            await self.http.aclose()
+        finally:
+            if self.owners is not None:
+                await self.owners.aclose()
 
     def deadline(self, timeout: float | None) -> tuple[float, float]:
         """``(absolute deadline, seconds)`` for a call with this ``timeout``."""
@@ -145,12 +178,30 @@ class ApiConnection:
         all_headers.update(headers or {})
         if content_type is not None:
             all_headers["Content-Type"] = content_type
+        about: tuple[OwnerRoutes, str] | None = None  # the session it is about, if any
+        if self.owners is not None and (sid := session_of(path, all_headers)) is not None:
+            about = (self.owners, sid)
+        fell_back = False  # once the base URL had to stand in, the call stays there
 
-        async def attempt() -> httpx.Response:
-            request = self.http.build_request(
+        def build(http: httpx.AsyncClient) -> httpx.Request:
+            # Built (and signed, by the client's auth) for the URL it goes to.
+            return http.build_request(
                 method, path, content=content, headers=all_headers, params=params
             )
-            response = await self.http.send(request, stream=True)
+
+        async def attempt() -> httpx.Response:
+            nonlocal fell_back
+            response = None
+            if about is not None and not fell_back:
+                owners, session = about
+                url = owners.route(session)
+                if url is not None:
+                    response = await self._send_to_owner(owners, session, url, build)
+                    fell_back = response is None
+            if response is None:
+                response = await self.http.send(build(self.http), stream=True)
+            if about is not None:
+                about[0].learn(about[1], response)
             if not is_event_stream(response):
                 try:
                     await response.aread()
@@ -164,6 +215,9 @@ class ApiConnection:
             response = await retries.send(attempt)
         except httpx.TransportError as exc:
             self.raise_transport_error(exc)
+        finally:
+            if about is not None and method == "DELETE":
+                about[0].forget(about[1])  # the session is closed (or was gone)
         if response.status_code >= 400:
             try:
                 await response.aread()
@@ -173,6 +227,38 @@ class ApiConnection:
                 await response.aclose()
             raise error_from_response(response)
         return response
+
+    async def _send_to_owner(
+        self,
+        owners: OwnerRoutes,
+        session: str,
+        url: str,
+        build: Callable[[httpx.AsyncClient], httpx.Request],
+    ) -> httpx.Response | None:
+        """Send to the session's owner; None when the base URL must stand in.
+
+        That is when the owner cannot be connected to (it never saw the
+        request), or answers 421 (it does not own the session any more) or
+        503 (it cannot serve now): the owner is forgotten.
+        """
+        try:
+            response = await owners.send(url, build)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            why = str(exc) or type(exc).__name__
+        else:
+            if response.status_code not in _OWNER_FALLBACK:
+                return response
+            await response.aclose()
+            why = f"HTTP {response.status_code}"
+        owners.forget(session, url)
+        logger.debug(
+            "owner %s of session %s: %s; going through %s instead",
+            url,
+            session,
+            why,
+            self.config.base_url,
+        )
+        return None
 
     async def call(
         self,
@@ -240,6 +326,13 @@ class ApiConnection:
     def raise_transport_error(self, exc: httpx.TransportError) -> NoReturn:
         """Raise the package's exception for an httpx transport failure."""
         where = self.config.base_url
+        try:
+            url = exc.request.url
+        except RuntimeError:  # no request attached
+            pass
+        else:
+            if not str(url).startswith(f"{where}/"):  # it went to a session's owner
+                where = f"{url.scheme}://{url.netloc.decode('ascii')}"
         detail = str(exc) or type(exc).__name__
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
             raise ServiceUnavailableError(f"cannot reach {where}: {detail}") from exc
