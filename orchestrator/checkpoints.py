@@ -42,7 +42,7 @@ from ppio_sandbox.agent_runtime.errors import (
 )
 from ppio_sandbox.agent_runtime.protocol import decode_msgpack, encode_msgpack
 
-from .session_core import Turn, TurnOutcome
+from .session_core import SessionCore, SessionLimits, Turn, TurnOutcome
 from .state_store import (
     NIL,
     Checkpoint,
@@ -61,7 +61,9 @@ __all__ = [
     "Durability",
     "UnserializableState",
     "encode_checkpoint",
+    "expiry_reason",
     "record_of",
+    "session_from",
     "state_of",
     "turns_of",
 ]
@@ -164,6 +166,41 @@ def turns_of(record: SessionRecord, *, wall_offset: float) -> list[Turn]:
             turn.result = decode_msgpack(item.result)
         turns.append(turn)
     return turns
+
+
+def expiry_reason(record: SessionRecord, limits: SessionLimits, now: float) -> str | None:
+    """Why a checkpointed session has ended by wall-clock ``now`` (idle or lifetime), or None."""
+    if now >= record.created_at + limits.max_lifetime_seconds:
+        return f"reached its maximum lifetime ({limits.max_lifetime_seconds:g} s)"
+    if now >= record.last_activity + record.timeout_seconds:
+        return f"expired after {record.timeout_seconds:g} s idle"
+    return None
+
+
+def session_from(record: SessionRecord, limits: SessionLimits, *, wall_offset: float) -> Session:
+    """A session (record and core, no sandbox yet) rebuilt from its checkpoint."""
+    from .actor import Session
+
+    core = SessionCore.restored(
+        record.session_id,
+        created_at=record.created_at - wall_offset,
+        last_activity=record.last_activity - wall_offset,
+        timeout_seconds=record.timeout_seconds,
+        limits=limits,
+        turns_ok=record.turns_ok,
+        turns_failed=record.turns_failed,
+        turns=turns_of(record, wall_offset=wall_offset),
+    )
+    session = Session(
+        core,
+        tenant=record.tenant,
+        template_id=record.template_id,
+        metadata=record.metadata,
+        env_vars=record.env_vars,
+    )
+    session.state = state_of(record)
+    session.changes = session.saved = record.seq
+    return session
 
 
 def state_of(record: SessionRecord) -> dict[str, Any] | None:

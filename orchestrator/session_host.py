@@ -13,8 +13,6 @@ its ``context.state`` and recent turns, on a fresh sandbox.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +31,7 @@ from ppio_sandbox.agent_runtime.errors import (
     ValidationError,
 )
 
+from ._reaper import Reaper
 from ._validate import check_session_id, check_timeout_seconds
 from .actor import Session, TurnRunner, notify
 from .checkpoints import (
@@ -40,9 +39,9 @@ from .checkpoints import (
     Durability,
     UnserializableState,
     encode_checkpoint,
+    expiry_reason,
     record_of,
-    state_of,
-    turns_of,
+    session_from,
 )
 from .directory import InMemorySessionDirectory, SessionDirectory
 from .sandbox.base import SandboxProvider
@@ -82,50 +81,6 @@ def _local_ownership() -> Ownership:
     from .placement import SingleNode
 
     return SingleNode()
-
-
-class _Reaper:
-    """Closes sessions at their deadline: one task, one heap, lazy re-checks."""
-
-    def __init__(self, host: SessionHost) -> None:
-        self.host = host
-        self.heap: list[tuple[float, int, Session]] = []
-        self.seq = itertools.count()
-        self.wake = anyio.Event()
-        self.next_at = float("inf")
-
-    def track(self, session: Session) -> None:
-        deadline = session.core.deadline()
-        heapq.heappush(self.heap, (deadline, next(self.seq), session))
-        if len(self.heap) > 2 * len(self.host.directory) + 1024:
-            self._compact()
-        if deadline < self.next_at:
-            self.wake.set()
-
-    def _compact(self) -> None:
-        # Entries of closed sessions (and stale deadlines) are dropped lazily
-        # when due; under churn they would pile up for a whole idle timeout.
-        self.heap = [(s.core.deadline(), next(self.seq), s) for s in self.host.directory]
-        heapq.heapify(self.heap)
-
-    async def run(self) -> None:
-        host = self.host
-        while True:
-            now = host.clock()
-            while self.heap and self.heap[0][0] <= now:
-                _, _, session = heapq.heappop(self.heap)
-                core = session.core
-                if core.ended:
-                    continue
-                reason = core.expiry_reason(now)
-                if reason is not None:
-                    host.spawn(host.close_session, session, reason)
-                else:
-                    heapq.heappush(self.heap, (core.deadline(), next(self.seq), session))
-            self.next_at = self.heap[0][0] if self.heap else float("inf")
-            self.wake = anyio.Event()
-            with anyio.move_on_after(max(0.0, min(self.next_at - host.clock(), 3600.0))):
-                await self.wake.wait()
 
 
 class SessionHost:
@@ -170,7 +125,7 @@ class SessionHost:
         self._creating: dict[tuple[str, str], anyio.Event] = {}
         self._unserializable: set[tuple[str, str]] = set()
         self._runner = TurnRunner(self)
-        self._reaper = _Reaper(self)
+        self._reaper = Reaper(self)
         self._tg: anyio.abc.TaskGroup | None = None
 
     # -- lifecycle ----------------------------------------------------------
@@ -374,36 +329,11 @@ class SessionHost:
         return session
 
     def _expired(self, record: SessionRecord) -> str | None:
-        now = time.time()
-        if now >= record.created_at + self.limits.max_lifetime_seconds:
-            return f"reached its maximum lifetime ({self.limits.max_lifetime_seconds:g} s)"
-        if now >= record.last_activity + record.timeout_seconds:
-            return f"expired after {record.timeout_seconds:g} s idle"
-        return None
+        return expiry_reason(record, self.limits, time.time())
 
     def session_from(self, record: SessionRecord) -> Session:
         """A session record (not started) rebuilt from its checkpoint."""
-        offset = self.wall_offset
-        core = SessionCore.restored(
-            record.session_id,
-            created_at=record.created_at - offset,
-            last_activity=record.last_activity - offset,
-            timeout_seconds=record.timeout_seconds,
-            limits=self.limits,
-            turns_ok=record.turns_ok,
-            turns_failed=record.turns_failed,
-            turns=turns_of(record, wall_offset=offset),
-        )
-        session = Session(
-            core,
-            tenant=record.tenant,
-            template_id=record.template_id,
-            metadata=record.metadata,
-            env_vars=record.env_vars,
-        )
-        session.state = state_of(record)
-        session.changes = session.saved = record.seq
-        return session
+        return session_from(record, self.limits, wall_offset=self.wall_offset)
 
     async def open_session(self, tenant: str, session_id: str) -> Session:
         """A live session of the tenant, restored if dormant; 404 naming why it ended."""
