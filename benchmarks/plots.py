@@ -1,9 +1,14 @@
 """PNG plots of the scenarios' :class:`~benchmarks.core.Series`, drawn with matplotlib.
 
-matplotlib is optional (``pip install -e '.[bench]'``): without it
-:func:`missing` says why and :func:`draw_all` draws nothing. The Agg
-backend draws without a display; each plot is its own ``Figure`` (no
-pyplot global state).
+A scenario that fills no series (one that does not sweep, e.g.
+``runtime-rps`` alone) still gets one plot: its summary, a bar per subject
+and backend of each figure in its tables (req/s and p99 of load-generator
+rows, every measure), median with the min-max spread (:func:`draw_summary`).
+
+matplotlib is optional (``make`` installs it with the ``dev`` extra;
+otherwise ``pip install -e '.[bench]'``): without it :func:`missing` says
+why and :func:`draw_all` draws nothing. The Agg backend draws without a
+display; each plot is its own ``Figure`` (no pyplot global state).
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import ScenarioResult, Series
+from .core import ScenarioResult, Series, Spread
 
-__all__ = ["Plot", "draw", "draw_all", "missing"]
+__all__ = ["Plot", "draw", "draw_all", "draw_summary", "missing"]
 
 INSTALL_HINT = "pip install -e '.[bench]'"
 
@@ -113,20 +118,91 @@ def draw(series: Series, path: Path, *, scenario: str) -> None:
     figure.savefig(path, format="png")
 
 
+SUMMARY = Series("summary", "medians per subject (bars: min-max)", "", "")
+"""Stands for the summary plot of a scenario without series (its name and title)."""
+
+_MAX_PANELS = 8
+"""At most this many figures in one summary plot (the tables have them all)."""
+
+
+def _panels(result: ScenarioResult) -> list[tuple[str, list[tuple[str, Spread]]]]:
+    """``(title, [(bar label, value), ...])`` for each figure of ``result``'s tables."""
+    levels = {row.concurrency for row in result.rows}
+
+    def row_label(backend: str, subject: str, concurrency: int | None) -> str:
+        label = f"{backend} {subject}"
+        return f"{label} @{concurrency}" if len(levels) > 1 and concurrency else label
+
+    panels: list[tuple[str, list[tuple[str, Spread]]]] = []
+    if result.rows:
+        labelled = [(row_label(r.backend, r.subject, r.concurrency), r) for r in result.rows]
+        panels.append(("req/s", [(label, r.rps) for label, r in labelled]))
+        panels.append(("p99 ms", [(label, r.p99) for label, r in labelled]))
+    by_metric: dict[tuple[str, str], list[tuple[str, Spread]]] = {}
+    for m in result.measures:
+        by_metric.setdefault((m.metric, m.unit), []).append((f"{m.backend} {m.subject}", m.value))
+    panels += [
+        (f"{metric} ({unit})" if unit else metric, bars)
+        for (metric, unit), bars in by_metric.items()
+    ]
+    return panels[:_MAX_PANELS]
+
+
+def draw_summary(result: ScenarioResult, path: Path) -> bool:
+    """Draw ``result``'s figures as bars into the PNG file ``path``; False if it has none."""
+    panels = _panels(result)
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    heights = [0.9 + 0.32 * len(bars) for _, bars in panels]
+    figure = Figure(figsize=(8, sum(heights) + 0.6), dpi=100, layout="constrained")
+    axes_list = figure.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    colour = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"][0]
+    for axes, (title, bars) in zip(axes_list, panels, strict=True):
+        labels = [label for label, _ in bars]
+        medians = [value.median for _, value in bars]
+        spread = [
+            [max(0.0, v.median - v.min) for _, v in bars],
+            [max(0.0, v.max - v.median) for _, v in bars],
+        ]
+        positions = list(range(len(bars)))
+        axes.barh(positions, medians, xerr=spread, color=colour, alpha=0.8, capsize=3)
+        axes.set_yticks(positions, labels, fontsize="small")
+        axes.invert_yaxis()  # the tables' order, top to bottom
+        axes.set_xlim(left=0)
+        axes.set_title(title, fontsize="medium", loc="left")
+        axes.grid(True, axis="x", alpha=0.3)
+    figure.suptitle(f"{result.name}: {SUMMARY.title}", fontsize="medium")
+    figure.savefig(path, format="png")
+    return True
+
+
 def draw_all(results: Sequence[ScenarioResult], directory: Path) -> list[Plot]:
     """Draw every non-empty series of ``results`` into ``directory``; the plots drawn.
 
-    Nothing when matplotlib is missing (see :func:`missing`).
+    A result with no series to draw gets its summary (:func:`draw_summary`)
+    instead, so every scenario with figures has a plot. Nothing when
+    matplotlib is missing (see :func:`missing`).
     """
     if missing() is not None:
         return []
     (directory / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
     plots: list[Plot] = []
     for result in results:
+        drawn = False
         for series in result.series:
             if series.empty:
                 continue
             filename = _filename(result.name, series.name)
             draw(series, directory / filename, scenario=result.name)
             plots.append(Plot(result.name, series, filename))
+            drawn = True
+        if not drawn:
+            filename = _filename(result.name, SUMMARY.name)
+            if draw_summary(result, directory / filename):
+                plots.append(Plot(result.name, SUMMARY, filename))
     return plots

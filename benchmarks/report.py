@@ -117,6 +117,18 @@ def _plots_section(drawn: list[plots.Plot], plot_note: str | None) -> list[str]:
     return lines
 
 
+_READING = (
+    "Reading the target column: `ok` means the row met the target named after it in this "
+    "run, `MISS` that it did not, `?` that it could not be judged (no baseline figure). "
+    "Targets are ratios to the baseline measured next to the subject (`req/s >= 0.90x`: "
+    "at least 0.9 times the baseline's req/s; `p99 <= 1.50x`: a p99 latency at most 1.5 "
+    "times the baseline's) or absolute bounds (`<= 4,096 B`); a baseline row has none. "
+    "A MISS is a finding, not a failed run: only errors (failed requests, a subject that "
+    "served none) make the run exit non-zero."
+)
+"""How to read ``ok``/``MISS`` in the tables (the report's header)."""
+
+
 def markdown(
     results: list[ScenarioResult],
     meta: dict[str, Any],
@@ -146,6 +158,8 @@ def markdown(
         f"Load ({mode}): {config['connections']} keep-alive connections unless a row says "
         f"otherwise, {config['warmup']:g} s warm-up, {config['duration']:g} s measured, "
         f"{config['repetitions']} repetition(s); median shown, (min-max) over repetitions.",
+        "",
+        _READING,
         "",
         table(results),
         "",
