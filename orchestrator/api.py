@@ -20,9 +20,11 @@ from ppio_sandbox.agent_runtime.errors import (
     PPIOAgentRuntimeError,
     ValidationError,
 )
+from ppio_sandbox.agent_runtime.protocol import encode_json
 
 from ._validate import check_session_id, check_timeout_seconds
 from .host import Orchestrator
+from .session_core import Turn
 from .wire import decode_object, encode_reply, record_view, session_view, template_view
 
 __all__ = ["create_api"]
@@ -55,6 +57,110 @@ def _env_vars(value: Any) -> dict[str, str]:
         if "\x00" in text:
             raise ValidationError(f"env_vars: the value of {name} contains a NUL character")
     return value
+
+
+TURNS_DEFAULT = 20
+TURNS_MAX = 200
+"""``GET /v1/sessions/{id}/turns?limit=``: how many finished turns by default, and at most."""
+REPLY_PREVIEW_BYTES = 256
+"""How much of a turn's reply (its JSON) the turns view carries."""
+
+
+def _turn_view(turn: Turn, wall_offset: float) -> dict[str, Any]:
+    """A turn as the console shows it: what asked for it, how it ended, its reply's start."""
+    started, finished = turn.started_at, turn.finished_at
+    if turn.outcome is not None:
+        outcome = turn.outcome.value
+    else:
+        outcome = "running" if started is not None else "queued"
+    view: dict[str, Any] = {
+        "request_id": turn.request_id,
+        "idempotency_key": turn.key,
+        "strategy": turn.strategy.value if turn.strategy is not None else None,
+        "outcome": outcome,
+        "submitted_at": round(turn.submitted_at + wall_offset, 3),
+        "started_at": None if started is None else round(started + wall_offset, 3),
+        "finished_at": None if finished is None else round(finished + wall_offset, 3),
+        "duration": None if started is None or finished is None else round(finished - started, 6),
+        "streaming": turn.streaming,
+    }
+    if turn.streaming:
+        view["chunks"] = len(turn.events)
+    if turn.error is not None:
+        view["error"] = turn.error.to_envelope(turn.request_id)["error"]
+        reply: Any = view["error"]
+    else:
+        reply = turn.events if turn.streaming else turn.result
+    if turn.error is not None or turn.streaming or finished is not None:
+        try:
+            data = encode_json(reply)
+        except (TypeError, ValueError, OverflowError):
+            data = b'"(a value JSON cannot carry)"'
+        view["reply"] = data[:REPLY_PREVIEW_BYTES].decode("utf-8", "ignore")
+        view["reply_bytes"] = len(data)
+    return view
+
+
+def _turns_limit(raw: str | None) -> int:
+    if raw is None:
+        return TURNS_DEFAULT
+    if not raw.isdigit() or not 1 <= int(raw) <= TURNS_MAX:
+        raise ValidationError(f"limit must be an integer from 1 to {TURNS_MAX}")
+    return int(raw)
+
+
+_SAMPLE = re.compile(r"(ppio_[a-z_]+)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+_TURN_FAMILIES = ("ppio_turn", "ppio_sandbox_")
+
+
+def _metric_figures(metrics: Any) -> dict[str, Any]:
+    """This node's turn and sandbox figures, read from what ``GET /metrics`` renders.
+
+    The exposition text is the contract (whatever keeps the counters): turns by
+    outcome, the turn-duration histogram (per-bucket counts, the last one
+    ``+Inf``), and sandbox starts and crashes by kind.
+    """
+    if metrics is None:
+        return {"turns": None, "sandboxes": None}
+    outcomes: dict[str, int] = {}
+    starts: dict[str, int] = {}
+    crashes: dict[str, int] = {}
+    cumulative: list[tuple[float, int]] = []
+    seconds = 0.0
+    count = 0
+    for line in metrics.render().decode().splitlines():
+        found = _SAMPLE.match(line) if line.startswith(_TURN_FAMILIES) else None
+        if found is None:
+            continue
+        name, labels_text, value_text = found.groups()
+        labels = dict(_LABEL.findall(labels_text or ""))
+        value = float(value_text)
+        if name == "ppio_turns_total":
+            outcomes[labels.get("outcome", "")] = int(value)
+        elif name == "ppio_turn_duration_seconds_bucket":
+            cumulative.append((float(labels["le"]), int(value)))
+        elif name == "ppio_turn_duration_seconds_sum":
+            seconds = value
+        elif name == "ppio_turn_duration_seconds_count":
+            count = int(value)
+        elif name in ("ppio_sandbox_starts_total", "ppio_sandbox_crashes_total"):
+            by_kind = starts if name == "ppio_sandbox_starts_total" else crashes
+            by_kind[labels.get("kind", "")] = int(value)
+    cumulative.sort()
+    counts = [n - (cumulative[i - 1][1] if i else 0) for i, (_, n) in enumerate(cumulative)]
+    return {
+        "turns": {
+            "by_outcome": outcomes,
+            "duration_seconds": {
+                "buckets": [bound for bound, _ in cumulative if bound != float("inf")],
+                "counts": counts,  # per bucket: one more than the bounds, the last is +Inf
+                "sum": seconds,
+                "count": count,
+            },
+        },
+        "sandboxes": {"starts": starts, "crashes": crashes},
+    }
 
 
 def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
@@ -206,6 +312,55 @@ def create_api(host: Orchestrator, app_class: type[Quart] = Quart) -> Quart:
         body = await body_object()
         host.set_timeout(session, check_timeout_seconds(body.get("timeout_seconds")))
         return reply(view(session))
+
+    @app.get("/v1/sessions/<session_id>/turns")
+    async def session_turns(session_id: str) -> Response:
+        """The session's recent turns, oldest first: the finished ones it still remembers
+        (its idempotency cache), then the running one; a crashed turn is not kept."""
+        limit = _turns_limit(request.args.get("limit"))
+        session = await host.open_session(tenant(), session_id)
+        core = session.core
+        running = core.running
+        return reply(
+            {
+                "session_id": core.session_id,
+                "status": core.state.value,
+                "turns": [_turn_view(turn, wall_offset) for turn in core.finished_turns(limit)],
+                "running": None if running is None else _turn_view(running, wall_offset),
+                "queued": core.queued,
+            }
+        )
+
+    @app.get("/v1/stats")
+    async def stats() -> Response:
+        """The caller's sessions by state, and this node's turn and sandbox figures."""
+        owner = tenant()
+        states: dict[str, int] = {}
+        active = running = queued = 0
+        for session in host.list_sessions(owner):
+            core = session.core
+            states[core.state.value] = states.get(core.state.value, 0) + 1
+            active += not core.ended
+            running += core.running is not None
+            queued += core.queued
+        return reply(
+            {
+                "tenant": owner,
+                "time": round(time.time(), 3),
+                "sessions": {
+                    "by_state": states,
+                    "active": active,
+                    "running_turns": running,
+                    "queued_turns": queued,
+                },
+                "node": {
+                    "sessions": len(host.directory),
+                    "running_turns": host.running_turns,
+                    "accepting": host.accepting,
+                },
+                **_metric_figures(host.metrics),
+            }
+        )
 
     @app.get("/v1/sessions/<session_id>/ping")
     async def ping_session(session_id: str) -> Response:
