@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 .PHONY: demo demo-cluster test lint typecheck check bench clean system-deps
 
 # Debian packages the tests use, as PACKAGE:PROGRAM (see scripts/ensure-debian-packages):
-# bubblewrap and setpriv build the process sandboxes' walls (docs/sandboxing.md).
-DEBIAN_PACKAGES := bubblewrap:bwrap util-linux:setpriv
+# bubblewrap and setpriv build the process sandboxes' walls (docs/sandboxing.md);
+# chromium is the headless browser the web console's tests drive (tests/console).
+DEBIAN_PACKAGES := bubblewrap:bwrap util-linux:setpriv chromium:chromium
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found %s); set PYTHON=python3.11" % sys.version.split()[0])'

@@ -1,19 +1,25 @@
 """The front door: one ASGI application in front of everything.
 
-It answers ``/ping``, ``/healthz`` and ``/metrics`` itself, reads and bounds
-every ``/v1`` body, authenticates it (Bearer or HMAC, which needs the body),
+It answers ``/ping``, ``/healthz`` and ``/metrics`` itself, serves the web
+console's static files under ``/ui`` (``/`` redirects a browser there; the
+files hold no data, which the page fetches from ``/v1`` with the user's
+key), reads and bounds every ``/v1`` body, authenticates it (Bearer or HMAC, which needs the body),
 sends invocations to the lean hot path and everything else to the Quart API
 (with the body replayed and the tenant in the scope).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import anyio
 
 from ppio_sandbox.agent_runtime.errors import (
+    MethodNotAllowedError,
     NotFoundError,
     PPIOAgentRuntimeError,
     RequestTooLargeError,
@@ -32,6 +38,27 @@ __all__ = ["FrontDoor"]
 logger = logging.getLogger("ppio_sandbox.orchestrator")
 
 _OPEN_PATHS = ("/ping", "/healthz")
+
+CONSOLE_PATH = "/ui"
+"""The web console's static files (``orchestrator/console/``); open like ``_OPEN_PATHS``."""
+_CONSOLE_DIR = Path(__file__).parent / "console"
+_CONSOLE_TYPES = {
+    ".html": b"text/html; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".svg": b"image/svg+xml",
+}
+_CONSOLE_HEADERS = [
+    (b"cache-control", b"no-cache"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+]
 
 _DRAIN_BYTES = 16 * 1024 * 1024
 _DRAIN_SECONDS = 5.0
@@ -54,7 +81,22 @@ def _route_label(path: str) -> str:
         return resource if resource in ("sessions", "templates") else "other"
     if path in _OPEN_PATHS or path == "/metrics":
         return path[1:]
+    if path == CONSOLE_PATH or path.startswith(CONSOLE_PATH + "/"):
+        return "ui"
     return "other"
+
+
+@functools.cache
+def _console_files() -> dict[str, tuple[bytes, bytes, bytes]]:
+    """The console's files by name: ``(body, content type, etag)``, read once."""
+    files = {}
+    for path in sorted(_CONSOLE_DIR.iterdir()):
+        ctype = _CONSOLE_TYPES.get(path.suffix)
+        if ctype is not None and path.is_file():
+            body = path.read_bytes()
+            etag = b'"%s"' % hashlib.sha256(body).hexdigest()[:20].encode()
+            files[path.name] = (body, ctype, etag)
+    return files
 
 
 class _Reply(Exception):
@@ -98,8 +140,46 @@ class FrontDoor:
             await self._health(scope, send)
         elif path == "/metrics":
             await self._metrics(scope, send)
+        elif path == CONSOLE_PATH or path.startswith(CONSOLE_PATH + "/"):
+            await self._console(scope, send, path)
+        elif path == "/" and any(
+            name == b"accept" and b"text/html" in value for name, value in scope["headers"]
+        ):
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 302,
+                    "headers": [
+                        (b"location", CONSOLE_PATH.encode()),
+                        (b"vary", b"accept"),
+                        (b"content-length", b"0"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
         else:
             await self.send_error(send, NotFoundError(f"no route {path}"), None, b"")
+
+    async def _console(self, scope: dict[str, Any], send: Any, path: str) -> None:
+        """A console file (``/ui`` is its page), with ETag revalidation; GET and HEAD only."""
+        method = scope["method"]
+        if method not in ("GET", "HEAD"):
+            error = MethodNotAllowedError(f"{method} not allowed on {path}")
+            await self.send_error(send, error, None, b"", [(b"allow", b"GET, HEAD")])
+            return
+        found = _console_files().get(path[len(CONSOLE_PATH) :].lstrip("/") or "index.html")
+        if found is None:
+            await self.send_error(send, NotFoundError(f"no route {path}"), None, b"")
+            return
+        body, ctype, etag = found
+        headers = [(b"content-type", ctype), (b"etag", etag), *_CONSOLE_HEADERS]
+        if any(name == b"if-none-match" and etag in value for name, value in scope["headers"]):
+            await send({"type": "http.response.start", "status": 304, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        headers.append((b"content-length", b"%d" % len(body)))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
 
     def _counting(self, send: Any, route: str) -> Any:
         """``send`` that counts the reply in ``ppio_http_requests_total{route,status}``."""
