@@ -18,12 +18,15 @@ interface takes another engine).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ppio_sandbox.agent_runtime.errors import ServiceUnavailableError
+
 from ..state_store import Checkpoint, SessionRecord, StateStore, decode_record
-from ._etcd import Compare, EtcdClient, Op
+from ._etcd import Compare, EtcdClient, EtcdError, Op
 from .membership import session_key
 
 __all__ = ["MAX_RECORD_BYTES", "EtcdStateStore"]
@@ -49,17 +52,31 @@ def _compares(fence: Any) -> list[Compare]:
     ]
 
 
+@contextlib.contextmanager
+def _unavailable(what: str, retry_after: float) -> Iterator[None]:
+    """etcd failing is a retryable 503 for the request that needed it, never a 500."""
+    try:
+        yield
+    except EtcdError as exc:
+        raise ServiceUnavailableError(
+            f"{what}: the cluster's coordinator (etcd) did not answer ({exc})",
+            retry_after=retry_after,
+        ) from None
+
+
 class EtcdStateStore(StateStore):
     """See the module docstring."""
 
     max_record_bytes = MAX_RECORD_BYTES
 
-    def __init__(self, client: EtcdClient, prefix: str = "/ppio") -> None:
+    def __init__(self, client: EtcdClient, prefix: str = "/ppio", retry_after: float = 1.0) -> None:
         self.client = client
         self.prefix = prefix.rstrip("/")
+        self.retry_after = retry_after
 
     async def load(self, tenant: str, session_id: str) -> SessionRecord | None:
-        kv = await self.client.get(session_key(self.prefix, tenant, session_id))
+        with _unavailable(f"session {session_id} cannot be read", self.retry_after):
+            kv = await self.client.get(session_key(self.prefix, tenant, session_id))
         return decode_record(kv.value) if kv is not None else None
 
     async def save(self, batch: Sequence[Checkpoint]) -> list[bool]:
@@ -98,12 +115,14 @@ class EtcdStateStore(StateStore):
 
     async def delete(self, tenant: str, session_id: str, fence: Any = None) -> None:
         key = session_key(self.prefix, tenant, session_id)
-        await self.client.txn(_compares(fence), [Op.delete(key)], [])
+        with _unavailable(f"session {session_id} cannot be deleted", self.retry_after):
+            await self.client.txn(_compares(fence), [Op.delete(key)], [])
 
     async def list(self, tenant: str | None = None) -> list[SessionRecord]:
         scope = f"{self.prefix}/sessions/" if tenant is None else None
         if tenant is not None:
             scope = session_key(self.prefix, tenant, "").decode()
         assert scope is not None
-        kvs, _ = await self.client.get_prefix(scope.encode())
+        with _unavailable("sessions cannot be listed", self.retry_after):
+            kvs, _ = await self.client.get_prefix(scope.encode())
         return [decode_record(kv.value) for kv in kvs]
