@@ -193,8 +193,15 @@ class ClusterPlacement(Placement):
             if self.on_lost is not None:
                 with anyio.CancelScope(shield=True):
                     await self.on_lost()
+            revoked = False
             while True:
                 try:
+                    if not revoked:
+                        # Nothing is served under it any more: let its member key and
+                        # claims go now, rather than wait out the TTL that etcd may have
+                        # extended (a new etcd leader renews every lease).
+                        await self.client.revoke(keeper.lease_id)
+                        revoked = True
                     await self._join()
                     break
                 except (EtcdError, OSError) as exc:
@@ -310,8 +317,13 @@ class ClusterPlacement(Placement):
             return Owner(self.node_id, True, None, ("claim", key, result.revision))
         existing = result.responses[0] if result.responses else None
         if isinstance(existing, RangeResult) and existing.kvs:
-            holder = json.loads(existing.kvs[0].value)
+            kv = existing.kvs[0]
+            holder = json.loads(kv.value)
             if holder.get("node") == self.node_id:
+                if holder.get("incarnation") == self.incarnation:
+                    # Two requests here raced to claim it and the other one won: it is ours.
+                    revision = self._claims.setdefault((tenant, session_id), kv.create_revision)
+                    return Owner(self.node_id, True, None, ("claim", key, revision))
                 raise ServiceUnavailableError(
                     f"session {session_id} is still held by this node's previous life; "
                     "it is released within the lease TTL",
