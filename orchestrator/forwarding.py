@@ -41,6 +41,7 @@ from ppio_sandbox.agent_runtime.errors import (
 from .placement import Owner
 
 __all__ = [
+    "HEADER_FORWARDED_BY",
     "HEADER_INTERNAL",
     "HEADER_OWNER",
     "HEADER_OWNER_URL",
@@ -80,6 +81,12 @@ _DROPPED = frozenset(
     }
 )
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
+_NOT_RELAYED = _HOP_BY_HOP | {
+    "date",  # this node's server adds its own Date and Server: one of each
+    "server",
+    HEADER_OWNER,  # set below; a reply relayed twice (another machine's worker) names it once
+    HEADER_OWNER_URL,
+}
 _TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=10.0)
 _LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=60.0)
 
@@ -185,7 +192,7 @@ class Forwarder:
             headers = [
                 (name.encode("latin-1"), value.encode("latin-1"))
                 for name, value in response.headers.multi_items()
-                if name.lower() not in _HOP_BY_HOP
+                if name.lower() not in _NOT_RELAYED
             ]
             headers.append((HEADER_OWNER.encode(), owner.node.encode("latin-1")))
             if owner_url:

@@ -28,7 +28,7 @@ from ppio_sandbox.agent_runtime.errors import (
     ServiceUnavailableError,
 )
 
-from .forwarding import MISDIRECTED, Forwarder, Misdirected
+from .forwarding import HEADER_FORWARDED_BY, MISDIRECTED, Forwarder, Misdirected
 from .host import Orchestrator
 from .metrics import merge_expositions
 from .placement import Member, Owner, Placement
@@ -100,17 +100,22 @@ class Router:
                 return True
             sid = self.session_of(method, path, scope["headers"], body)
             if sid is None:
+                if method == "POST" and (path == "/v1/sessions" or path.endswith("/invocations")):
+                    # A new session with a generated id is this node's: only while it may
+                    # serve (a node that lost its lease would create what it cannot keep).
+                    self.placement.check_serving()
                 return False
             owner = self.placement.owner(tenant, sid)
             if owner is None:
-                if internal:
-                    return await self._misdirected(send)
+                # Nobody owns it, as far as this node knows: claim it here. So too for a
+                # request another node sent, which may have seen this node's own claim
+                # (made for a request racing this one) before this node did.
                 owner = await self.placement.claim(tenant, sid)
             if owner.local:
                 self.placement.check_serving()
                 return False
-            if internal:  # another node thought we own it: we do not (any more)
-                return await self._misdirected(send)
+            if internal and not self._from_another_machine(scope, owner):
+                return await self._misdirected(send)  # the sender thought we own it: we do not
             await self._forward(scope, receive, send, body, tenant, sid, owner)
         except PPIOAgentRuntimeError as exc:
             await error_reply(send, exc, None, accept)
@@ -168,6 +173,23 @@ class Router:
             if metrics is not None:
                 metrics.forwarded_total.labels("ok").inc()
             return
+
+    def _from_another_machine(self, scope: dict[str, Any], owner: Owner) -> bool:
+        """A node on another machine sent this request for a worker of this machine.
+
+        The workers of a machine share its one address (``--advertise``), so a node
+        elsewhere reaches whichever worker the kernel picks; that worker passes the
+        request on to the owner over its Unix socket (one hop more, never two: the
+        owner sees a sender of its own machine).
+        """
+        if owner.address is None or not owner.address.startswith("unix:"):
+            return False
+        name = HEADER_FORWARDED_BY.encode()
+        sender = next((v for n, v in scope["headers"] if n == name), None)
+        if sender is None:
+            return False
+        here = {m.node for m in self.placement.machine_members()}
+        return sender.decode("latin-1") not in here
 
     def _url_of(self, owner: Owner) -> str | None:
         for member in self.placement.members():
