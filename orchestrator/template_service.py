@@ -180,11 +180,18 @@ class TemplateService:
         self._resolved.clear()
 
     async def list_templates(self, tenant: str) -> list[Any]:
-        """The tenant's own templates, then the shared ones."""
+        """The tenant's own templates, then the shared ones it has no copy of.
+
+        The same content has the same id, so a tenant that deploys a shared
+        template's directory holds a record of that id too: its own is listed
+        (it is the one the tenant's calls use), the shared one is not.
+        """
         own = await self.templates.list(tenant)
         if tenant == SHARED_TENANT:
             return list(own)
-        return [*own, *await self.templates.list(SHARED_TENANT)]
+        mine = {template.id for template in own}
+        shared = await self.templates.list(SHARED_TENANT)
+        return [*own, *(template for template in shared if template.id not in mine)]
 
     async def deploy_archive(self, data: bytes, tenant: str) -> Any:
         """Store an uploaded template and smoke-test it in the background."""
