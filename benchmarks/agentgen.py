@@ -33,6 +33,18 @@ the release; a turn counts when it completes inside the window. The
 server's RSS (``/proc/PID/status``) is read before the first connection and
 every 0.25 s in the window. One JSON object is printed on stdout.
 
+``--server-named``: each session is created by ``POST /v1/sessions``
+(``{"template_id": ...}``, the server names it) as its priming request, and
+its turns go to ``POST /v1/sessions/<id>/invocations`` over the same
+connection: on ``serve --workers N`` the worker that accepted the connection
+creates and owns the session, so no turn is forwarded (while the connection
+lasts). ``--unix PATH`` connects to a Unix socket instead of TCP (one worker of
+``serve --workers``: ``<data dir>/run/w<i>.sock``), and ``--session-ids
+FILE`` names session ``i`` by line ``i`` of FILE instead of
+``agent-<i>`` (e.g. ids that one worker owns). The server's RSS and CPU
+are those of ``--server-pid`` with its descendants (a supervisor's
+workers).
+
 It is asyncio (uvloop when installed) with one :class:`asyncio.Protocol` per
 session and no task per turn: the response is parsed in ``data_received``
 and the next turn is written from there, so that the generator stays far
@@ -44,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import random
 import sys
 import time
@@ -53,10 +66,12 @@ from typing import Any, cast
 
 from .loadgen import (
     CpuMeter,
+    _children,
     generator_command,
     latency_stats,
     print_result,
     raise_fd_limit,
+    read_session_ids,
 )
 
 __all__ = ["AgentOptions", "command", "main", "run", "think_ms"]
@@ -110,6 +125,12 @@ class AgentOptions:
     connect_timeout: float = 10.0
     ramp_timeout: float = 60.0
     session_prefix: str = "agent-"
+    unix: str | None = None
+    """Connect to this Unix socket instead of ``host:port``."""
+    session_ids: str | None = None
+    """A file of session ids, one a line: session ``i`` uses line ``i``."""
+    server_named: bool = False
+    """Create each session with ``POST /v1/sessions`` (the server names it)."""
 
     @property
     def mean_think(self) -> float:
@@ -172,17 +193,21 @@ class _Session(asyncio.Protocol):
     """One session: turns back to back over one connection, each SSE reply parsed as it
     comes. The same object serves the session's next connection if one is lost."""
 
-    def __init__(self, window: _Window, index: int) -> None:
+    def __init__(self, window: _Window, index: int, name: str | None = None) -> None:
         opts = window.opts
         self.window = window
         self.index = index
         self.loop = asyncio.get_running_loop()
+        sid = name or f"{opts.session_prefix}{index}"
+        self.capture: bytearray | None = None
+        """The body of the reply under way, while one is kept (``--server-named``)."""
+        self.host_line = f"Host: {opts.host}:{opts.port}\r\n"
         self.head = (
             f"POST /v1/agents/{opts.template}/invocations HTTP/1.1\r\n"
             f"Host: {opts.host}:{opts.port}\r\n"
             "Content-Type: application/json\r\n"
             "Accept: text/event-stream\r\n"
-            f"X-PPIO-Session-Id: {opts.session_prefix}{index}\r\n"
+            f"X-PPIO-Session-Id: {sid}\r\n"
         ).encode("latin-1")
         self.transport: asyncio.Transport | None = None
         self.turn = 0
@@ -260,6 +285,8 @@ class _Session(asyncio.Protocol):
                     self.state = _TRAILER
             elif state == _DATA:
                 n = min(self.remaining, len(buf))
+                if self.capture is not None:
+                    self.capture += buf[:n]
                 self.events(buf[:n])
                 del buf[:n]
                 self.remaining -= n
@@ -279,6 +306,8 @@ class _Session(asyncio.Protocol):
                     self.finish()
             elif state == _BODY:
                 n = min(self.remaining, len(buf))
+                if self.capture is not None:
+                    self.capture += buf[:n]
                 del buf[:n]
                 self.remaining -= n
                 if not self.remaining:
@@ -321,6 +350,9 @@ class _Session(asyncio.Protocol):
         if transport is None or self.state != _IDLE or window.stop:
             return  # (a delayed retry finding a turn already under way)
         opts = window.opts
+        if not self.primed and opts.server_named:
+            self.send_create(transport)
+            return
         if not self.primed:
             think, chunks = 0, 1
         elif not self.released:
@@ -346,6 +378,38 @@ class _Session(asyncio.Protocol):
         self.sent = time.perf_counter_ns()
         transport.write(self.head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
+    def send_create(self, transport: asyncio.Transport) -> None:
+        """The priming request with ``--server-named``: create the session."""
+        body = b'{"template_id":"%s"}' % self.window.opts.template.encode()
+        self.expect = 0
+        self.capture = bytearray()
+        self.state = _HEAD
+        self.sent = time.perf_counter_ns()
+        transport.write(
+            b"POST /v1/sessions HTTP/1.1\r\n"
+            + self.host_line.encode("latin-1")
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+
+    def created(self) -> bool:
+        """The create reply is in: turn to the session's own route; False on failure."""
+        capture, self.capture = self.capture, None
+        if self.status not in (b"200", b"201") or capture is None:
+            self.window.error(f"create status {self.status.decode('latin-1')}")
+            return False
+        try:
+            sid = json.loads(bytes(capture))["session_id"]
+        except (ValueError, KeyError, TypeError):
+            self.window.error("create: no session_id")
+            return False
+        self.head = (
+            f"POST /v1/sessions/{sid}/invocations HTTP/1.1\r\n"
+            + self.host_line
+            + "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+        ).encode("latin-1")
+        return True
+
     def release(self, delay: float = 0.0) -> None:
         """Start this session's turns (in ``delay`` seconds), reconnecting if need be."""
         self.released = True
@@ -362,7 +426,9 @@ class _Session(asyncio.Protocol):
         done_at = self.now
         self.state = _IDLE
         ok = False
-        if self.status != b"200":
+        if self.capture is not None:  # a create (--server-named): no stream to check
+            ok = self.created()
+        elif self.status != b"200":
             window.error(f"status {self.status.decode('latin-1')}")
         elif self.failed is not None:
             window.error(self.failed)
@@ -418,10 +484,12 @@ async def _keep_connected(window: _Window, index: int, gate: asyncio.Semaphore) 
         session.admitted = loop.create_future()
         async with gate:
             try:
-                await asyncio.wait_for(
-                    loop.create_connection(lambda: session, opts.host, opts.port),
-                    opts.connect_timeout,
+                connect = (
+                    loop.create_unix_connection(lambda: session, opts.unix)
+                    if opts.unix is not None
+                    else loop.create_connection(lambda: session, opts.host, opts.port)
                 )
+                await asyncio.wait_for(connect, opts.connect_timeout)
             except (OSError, TimeoutError) as exc:
                 window.error(f"connect: {type(exc).__name__}")
                 await asyncio.sleep(0.05)
@@ -436,9 +504,7 @@ async def _keep_connected(window: _Window, index: int, gate: asyncio.Semaphore) 
             session.wake = None
 
 
-def _rss_kb(pid: int | None) -> int | None:
-    if pid is None:
-        return None
+def _own_rss_kb(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
@@ -449,10 +515,30 @@ def _rss_kb(pid: int | None) -> int | None:
     return None
 
 
+def _rss_kb(pid: int | None) -> int | None:
+    """RSS of ``pid`` and its descendants (a supervisor's workers), in KiB."""
+    if pid is None:
+        return None
+    total = _own_rss_kb(pid)
+    if total is None:
+        return None
+    pending, seen = _children(pid), {pid}
+    while pending:
+        child = pending.pop()
+        if child not in seen:
+            seen.add(child)
+            total += _own_rss_kb(child) or 0
+            pending += _children(child)
+    return total
+
+
 async def run(opts: AgentOptions) -> dict[str, Any]:
     """Ramp up ``opts.sessions`` sessions, measure one window; return the result."""
     window = _Window(opts)
-    window.sessions = [_Session(window, i) for i in range(opts.sessions)]
+    names = read_session_ids(opts.session_ids)
+    window.sessions = [
+        _Session(window, i, names[i % len(names)] if names else None) for i in range(opts.sessions)
+    ]
     rss_before = _rss_kb(opts.server_pid)
     gate = asyncio.Semaphore(opts.connect_concurrency)
     began = time.perf_counter()
@@ -587,6 +673,9 @@ def command(opts: AgentOptions) -> list[str]:
         str(opts.connect_concurrency),
         "--ramp-timeout",
         str(opts.ramp_timeout),
+        *(["--unix", opts.unix] if opts.unix is not None else []),
+        *(["--session-ids", opts.session_ids] if opts.session_ids is not None else []),
+        *(["--server-named"] if opts.server_named else []),
     )
 
 
@@ -612,6 +701,13 @@ def _parse(argv: list[str] | None) -> AgentOptions:
         default=60.0,
         help="seconds to wait for every session's first turn before measuring anyway",
     )
+    p.add_argument("--unix", metavar="PATH", help="connect to this Unix socket instead")
+    p.add_argument("--session-ids", metavar="FILE", help="session i uses the session id on line i")
+    p.add_argument(
+        "--server-named",
+        action="store_true",
+        help="create each session with POST /v1/sessions, then use its own route",
+    )
     a = p.parse_args(argv)
     if a.sessions < 1 or a.chunks < 1 or a.duration <= 0 or a.warmup < 0:
         p.error("need --sessions >= 1, --chunks >= 1, --duration > 0, --warmup >= 0")
@@ -633,6 +729,9 @@ def _parse(argv: list[str] | None) -> AgentOptions:
         server_pid=a.server_pid,
         connect_concurrency=a.connect_concurrency,
         ramp_timeout=a.ramp_timeout,
+        unix=a.unix,
+        session_ids=a.session_ids,
+        server_named=a.server_named,
     )
 
 

@@ -20,6 +20,27 @@ over cycles of ``POST /v1/sessions`` (``{"template_id": TEMPLATE,
 is one whole cycle, ``rps`` counts cycles per second, and any 2xx status is
 a success.
 
+``--create TEMPLATE`` measures session creation alone: each connection loops
+over ``POST /v1/sessions`` with ``{"template_id": TEMPLATE}`` (the server
+names the session) or, with ``--named``, ``{"template_id": TEMPLATE,
+"session_id": "<prefix><connection>-<n>"}`` (the caller names it); sessions
+are never closed, so they pile up on the server.
+
+``--server-named TEMPLATE``: each connection first creates a session with
+``POST /v1/sessions`` (the server names it) and then sends its requests to
+``POST /v1/sessions/<id>/invocations`` (``--path`` is not used): on ``serve
+--workers N`` the worker that accepted the connection owns the session, so
+nothing is forwarded. A new connection creates a new session.
+
+For several servers or worker sockets: ``--ports P1,P2,...`` spreads the
+connections over those ports (connection ``i`` on port ``i mod k``);
+``--session-ids FILE`` gives connection ``i`` the session id on line ``i``
+of FILE instead of ``<prefix><i>`` (e.g. ids that one worker owns);
+``--also-server-pid`` (repeatable) counts more processes as the server's
+CPU, and ``--aux-pid`` (repeatable) reports others apart (an etcd cluster:
+``aux_cpu_percent``), so neither counts as noise. Replies may come chunked
+(a reply relayed from another node has no ``content-length``).
+
 It also reports its own CPU use over the measured window (and the server's,
 given ``--server-pid`` on Linux): a load generator near 100 % of one core is
 the bottleneck and its figures are a lower bound.
@@ -57,6 +78,7 @@ __all__ = [
     "print_result",
     "process_cpu_seconds",
     "raise_fd_limit",
+    "read_session_ids",
     "run",
     "system_cpu_busy",
     "tree_cpu_seconds",
@@ -84,6 +106,20 @@ class Options:
     session_prefix: str = "bench-"
     churn: str | None = None
     """Template id: run create / invoke / delete session cycles instead."""
+    create: str | None = None
+    """Template id: create sessions in a loop instead (never closed)."""
+    named: bool = False
+    """With ``create``: the caller names each session (else the server does)."""
+    ports: tuple[int, ...] = ()
+    """Spread the connections over these ports (connection ``i`` on ``ports[i % k]``)."""
+    session_ids: str | None = None
+    """A file of session ids, one a line: connection ``i`` uses line ``i``."""
+    server_named: str | None = None
+    """Template id: each connection creates its session, then uses its own route."""
+    also_server_pids: tuple[int, ...] = ()
+    """More processes whose CPU counts as the server's (other nodes)."""
+    aux_pids: tuple[int, ...] = ()
+    """Processes whose CPU is reported apart (``aux_cpu_percent``: etcd)."""
 
 
 @dataclass
@@ -116,14 +152,29 @@ class _State(Window):
     latencies: list[int] = field(default_factory=list)
 
 
-def build_request(opts: Options, index: int) -> bytes:
-    """The request connection ``index`` sends: its own session id, keep-alive."""
+def read_session_ids(path: str | None) -> list[str] | None:
+    """The ids of a ``--session-ids`` file, one a line (``None``: no file)."""
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        ids = [line.strip() for line in f if line.strip()]
+    if not ids:
+        raise ValueError(f"{path}: no session ids")
+    return ids
+
+
+def build_request(opts: Options, index: int, ids: list[str] | None = None) -> bytes:
+    """The request connection ``index`` sends: its own session id, keep-alive.
+
+    ``ids``: the ``--session-ids`` (connection ``i`` takes ``ids[i % len]``).
+    """
+    sid = ids[index % len(ids)] if ids else f"{opts.session_prefix}{index}"
     head = (
         f"POST {opts.path} HTTP/1.1\r\n"
         f"Host: {opts.host}:{opts.port}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(opts.body)}\r\n"
-        f"X-PPIO-Session-Id: {opts.session_prefix}{index}\r\n"
+        f"X-PPIO-Session-Id: {sid}\r\n"
         "\r\n"
     )
     return head.encode("latin-1") + opts.body
@@ -146,10 +197,11 @@ def churn_requests(opts: Options, session_id: str) -> tuple[bytes, bytes, bytes]
     )
 
 
-async def _open(opts: Options) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _open(opts: Options, index: int = 0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if opts.unix is not None:
         return await asyncio.wait_for(asyncio.open_unix_connection(opts.unix), opts.io_timeout)
-    return await asyncio.wait_for(asyncio.open_connection(opts.host, opts.port), opts.io_timeout)
+    port = opts.ports[index % len(opts.ports)] if opts.ports else opts.port
+    return await asyncio.wait_for(asyncio.open_connection(opts.host, port), opts.io_timeout)
 
 
 async def _exchange(
@@ -157,34 +209,75 @@ async def _exchange(
 ) -> tuple[bytes, bool]:
     """Send one request, read its whole response: ``(status, connection closes)``.
 
-    Raises ValueError when the response has no ``content-length``.
+    The body has a ``content-length`` or comes chunked; raises ValueError
+    when it has neither.
     """
     writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
     lower = head.lower()
     at = lower.find(b"\r\ncontent-length:")
-    if at < 0:
+    if at >= 0:
+        size = int(lower[at + 17 : lower.index(b"\r\n", at + 17)])
+        if size:
+            await reader.readexactly(size)
+    elif b"\r\ntransfer-encoding: chunked" in lower:
+        await _read_chunked(reader)
+    else:
         raise ValueError("no content-length")
-    size = int(lower[at + 17 : lower.index(b"\r\n", at + 17)])
-    if size:
-        await reader.readexactly(size)
     return head[9:12], b"\r\nconnection: close" in lower
 
 
-async def _connection(opts: Options, state: _State, index: int) -> None:
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """Read a chunked body up to and including its trailer; the body."""
+    parts = []
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        size = int(line.split(b";", 1)[0], 16)
+        if not size:
+            break
+        parts.append((await reader.readexactly(size + 2))[:-2])  # the data, then CRLF
+    while await reader.readuntil(b"\r\n") != b"\r\n":
+        pass  # trailer fields
+    return b"".join(parts)
+
+
+async def _create_session(
+    opts: Options, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> bytes:
+    """``--server-named``: create a session on this connection; the request for its route."""
+    body = json.dumps({"template_id": opts.server_named}).encode()
+    writer.write(_request(opts, "POST", "/v1/sessions", body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    at = lower.find(b"\r\ncontent-length:")
+    if at >= 0:
+        reply = await reader.readexactly(int(lower[at + 17 : lower.index(b"\r\n", at + 17)]))
+    else:
+        reply = await _read_chunked(reader)
+    if not head[9:12].startswith(b"2"):
+        raise ValueError(f"create: status {head[9:12].decode('latin-1')}")
+    sid = json.loads(reply)["session_id"]
+    return _request(opts, "POST", f"/v1/sessions/{sid}/invocations", opts.body)
+
+
+async def _connection(
+    opts: Options, state: _State, index: int, ids: list[str] | None = None
+) -> None:
     """One closed-loop client; reconnects after any error until told to stop."""
-    request = build_request(opts, index)
+    request = build_request(opts, index, ids)
     clock = time.perf_counter_ns
     latencies = state.latencies
     while not state.stop:
         try:
-            reader, writer = await _open(opts)
+            reader, writer = await _open(opts, index)
         except (OSError, TimeoutError) as exc:
             state.error(f"connect: {type(exc).__name__}")
             await asyncio.sleep(0.05)  # back off; the server may be overloaded
             continue
         state.connects += 1
         try:
+            if opts.server_named:
+                request = await _create_session(opts, reader, writer)
             while not state.stop:
                 started = clock()
                 status, close = await _exchange(reader, writer, request)
@@ -195,15 +288,26 @@ async def _connection(opts: Options, state: _State, index: int) -> None:
                     latencies.append(done - started)
                 if close:
                     break
-        except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
+        except (OSError, EOFError, ValueError, KeyError, asyncio.LimitOverrunError) as exc:
             if not state.stop:
                 state.error(type(exc).__name__)
         finally:
             writer.close()
 
 
-async def _churn_connection(opts: Options, state: _State, index: int) -> None:
-    """Closed-loop session cycles (create, invoke, delete) over one keep-alive link."""
+def create_request(opts: Options, session_id: str) -> bytes:
+    """``POST /v1/sessions`` of ``opts.create``, named ``session_id`` with ``opts.named``."""
+    body: dict[str, str] = {"template_id": opts.create or ""}
+    if opts.named:
+        body["session_id"] = session_id
+    return _request(opts, "POST", "/v1/sessions", json.dumps(body).encode())
+
+
+async def _churn_connection(
+    opts: Options, state: _State, index: int, ids: list[str] | None = None
+) -> None:
+    """Closed-loop session cycles (create, invoke, delete) over one keep-alive link;
+    with ``opts.create``, creations alone (one request a cycle)."""
     clock = time.perf_counter_ns
     latencies = state.latencies
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -211,13 +315,14 @@ async def _churn_connection(opts: Options, state: _State, index: int) -> None:
     try:
         while not state.stop:
             cycle += 1
-            requests = churn_requests(opts, f"{opts.session_prefix}{index}-{cycle}")
+            sid = f"{opts.session_prefix}{index}-{cycle}"
+            requests = (create_request(opts, sid),) if opts.create else churn_requests(opts, sid)
             started = clock()
             ok = True
             for request in requests:
                 if conn is None:
                     try:
-                        conn = await _open(opts)
+                        conn = await _open(opts, index)
                     except (OSError, TimeoutError) as exc:
                         state.error(f"connect: {type(exc).__name__}")
                         await asyncio.sleep(0.05)
@@ -360,13 +465,15 @@ class CpuUsage:
     """The server process alone."""
     busy: dict[str, float] | None
     """Each CPU's busy percent (``None``: no ``/proc/stat``)."""
+    aux: float | None = None
+    """Processes reported apart (``--aux-pid``: an etcd cluster); ``None``: none given."""
 
     @property
     def other(self) -> float | None:
-        """Anything but the load generator and the server: noise."""
+        """Anything but the load generator, the server and the aux processes: noise."""
         if self.busy is None or self.server is None:
             return None
-        return other_cpu(self.busy, self.loadgen, self.server)
+        return other_cpu(self.busy, self.loadgen, self.server + (self.aux or 0.0))
 
     def report(self, *, server_own: bool = False, busy: bool = True) -> dict[str, Any]:
         """The CPU part of a load generator's JSON result, with where it ran.
@@ -381,6 +488,8 @@ class CpuUsage:
         if server_own:
             report["server_own_cpu_percent"] = _round(self.server_own)
         report["loadgen_saturated"] = self.loadgen >= SATURATED_CPU
+        if self.aux is not None:
+            report["aux_cpu_percent"] = round(self.aux, 1)
         if busy:
             report["cpu_busy_percent"] = self.busy
         report["other_cpu_percent"] = _round(self.other)
@@ -395,22 +504,42 @@ def _round(value: float | None) -> float | None:
 
 class CpuMeter:
     """Measures this process's, the server's and the whole machine's CPU use between
-    :meth:`start` and :meth:`stop` (the server's on Linux, given its pid)."""
+    :meth:`start` and :meth:`stop` (the server's on Linux, given its pid).
 
-    def __init__(self, server_pid: int | None) -> None:
+    ``also_server``: more processes counted as the server (with their
+    descendants); ``aux``: processes measured apart (:attr:`CpuUsage.aux`).
+    """
+
+    def __init__(
+        self,
+        server_pid: int | None,
+        *,
+        also_server: tuple[int, ...] = (),
+        aux: tuple[int, ...] = (),
+    ) -> None:
         self.server_pid = server_pid
+        self.also_server = also_server
+        self.aux = aux
         self._start = self._snapshot()
+
+    @staticmethod
+    def _trees(pids: tuple[int, ...]) -> float:
+        return sum(tree_cpu_seconds(pid) or 0.0 for pid in pids)
 
     def _snapshot(
         self,
-    ) -> tuple[float, float, float | None, float | None, dict[str, tuple[int, int]] | None]:
+    ) -> tuple[float, float, float | None, float | None, dict[str, tuple[int, int]] | None, float]:
         pid = self.server_pid
+        tree = None if pid is None else tree_cpu_seconds(pid)
+        if tree is not None and self.also_server:
+            tree += self._trees(self.also_server)
         return (
             time.perf_counter(),
             _cpu_seconds(),
-            None if pid is None else tree_cpu_seconds(pid),
+            tree,
             None if pid is None else process_cpu_seconds(pid),
             system_cpu_busy(),
+            self._trees(self.aux),
         )
 
     def start(self) -> None:
@@ -419,8 +548,8 @@ class CpuMeter:
 
     def stop(self) -> CpuUsage:
         """Close the window now: the use since :meth:`start`."""
-        wall1, own1, tree1, alone1, system1 = self._snapshot()
-        wall0, own0, tree0, alone0, system0 = self._start
+        wall1, own1, tree1, alone1, system1, aux1 = self._snapshot()
+        wall0, own0, tree0, alone0, system0, aux0 = self._start
         window = wall1 - wall0
 
         def percent(before: float | None, after: float | None) -> float | None:
@@ -431,15 +560,17 @@ class CpuMeter:
             server=percent(tree0, tree1),
             server_own=percent(alone0, alone1),
             busy=busy_percent(system0, system1),
+            aux=percent(aux0, aux1) if self.aux else None,
         )
 
 
 async def run(opts: Options) -> dict[str, Any]:
     """Drive the server for ``warmup + duration`` seconds; return the result."""
     state = _State.after(opts.warmup, opts.duration)
-    client = _churn_connection if opts.churn else _connection
-    tasks = [asyncio.create_task(client(opts, state, i)) for i in range(opts.connections)]
-    meter = CpuMeter(opts.server_pid)
+    ids = read_session_ids(opts.session_ids)
+    client = _churn_connection if opts.churn or opts.create else _connection
+    tasks = [asyncio.create_task(client(opts, state, i, ids)) for i in range(opts.connections)]
+    meter = CpuMeter(opts.server_pid, also_server=opts.also_server_pids, aux=opts.aux_pids)
     try:
         await asyncio.sleep(opts.warmup)
         meter.start()
@@ -460,7 +591,7 @@ async def run(opts: Options) -> dict[str, Any]:
         "rps": round(len(ordered) / opts.duration, 1),
         **latency_stats(ordered),
         "connections": opts.connections,
-        "mode": "churn" if opts.churn else "requests",
+        "mode": "churn" if opts.churn else "create" if opts.create else "requests",
         "connects": state.connects,
         "stuck_connections": len(pending),
         "warmup": opts.warmup,
@@ -536,6 +667,20 @@ def command(opts: Options) -> list[str]:
         argv += ["--session-prefix", opts.session_prefix]
     if opts.churn is not None:
         argv += ["--churn", opts.churn]
+    if opts.create is not None:
+        argv += ["--create", opts.create]
+    if opts.named:
+        argv.append("--named")
+    if opts.ports:
+        argv += ["--ports", ",".join(str(port) for port in opts.ports)]
+    if opts.session_ids is not None:
+        argv += ["--session-ids", opts.session_ids]
+    if opts.server_named is not None:
+        argv += ["--server-named", opts.server_named]
+    for pid in opts.also_server_pids:
+        argv += ["--also-server-pid", str(pid)]
+    for pid in opts.aux_pids:
+        argv += ["--aux-pid", str(pid)]
     return argv
 
 
@@ -558,9 +703,46 @@ def _parse(argv: list[str] | None) -> Options:
     p.add_argument(
         "--churn", metavar="TEMPLATE", help="create / invoke / delete session cycles instead"
     )
+    p.add_argument("--create", metavar="TEMPLATE", help="create sessions in a loop instead")
+    p.add_argument(
+        "--named", action="store_true", help="with --create: the caller names each session"
+    )
+    p.add_argument("--ports", metavar="P1,P2,...", help="spread the connections over these ports")
+    p.add_argument(
+        "--session-ids", metavar="FILE", help="connection i uses the session id on line i"
+    )
+    p.add_argument(
+        "--server-named",
+        metavar="TEMPLATE",
+        help="each connection creates its session, then posts to /v1/sessions/<id>/invocations",
+    )
+    p.add_argument(
+        "--also-server-pid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PID",
+        help="count this process's CPU as the server's too (repeatable)",
+    )
+    p.add_argument(
+        "--aux-pid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PID",
+        help="report this process's CPU apart, as aux_cpu_percent (repeatable)",
+    )
     a = p.parse_args(argv)
     if a.connections < 1 or a.duration <= 0 or a.warmup < 0:
         p.error("need --connections >= 1, --duration > 0, --warmup >= 0")
+    if a.churn and a.create:
+        p.error("--churn and --create exclude each other")
+    if a.named and not a.create:
+        p.error("--named goes with --create")
+    try:
+        ports = tuple(int(x) for x in a.ports.split(",")) if a.ports else ()
+    except ValueError:
+        p.error(f"--ports {a.ports!r}: expected comma-separated integers")
     return Options(
         host=a.host,
         port=a.port,
@@ -573,6 +755,13 @@ def _parse(argv: list[str] | None) -> Options:
         unix=a.unix,
         session_prefix=a.session_prefix,
         churn=a.churn,
+        create=a.create,
+        named=a.named,
+        ports=ports,
+        session_ids=a.session_ids,
+        server_named=a.server_named,
+        also_server_pids=tuple(a.also_server_pid),
+        aux_pids=tuple(a.aux_pid),
     )
 
 

@@ -79,14 +79,14 @@ def _libc_prctl() -> Callable[..., int] | None:
 _PRCTL = _libc_prctl()
 
 
-def _preexec(cpus: frozenset[int] | None) -> Callable[[], None]:
+def _preexec(cpus: frozenset[int] | None, death_signal: int) -> Callable[[], None]:
     """Runs in the child before exec: pin it; make it die with the harness."""
 
     def setup() -> None:
         if cpus is not None:
             os.sched_setaffinity(0, cpus)
         if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            _PRCTL(_PR_SET_PDEATHSIG, death_signal)
 
     return setup
 
@@ -158,11 +158,12 @@ def spawn(
     cpus: frozenset[int] | None,
     stdout: IO[Any] | int | None = None,
     stderr: IO[Any] | int | None = None,
+    death_signal: int = signal.SIGTERM,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in the repository root, pinned to ``cpus``, in its own session.
 
     Its own session keeps a terminal's Ctrl-C away from it: the harness
-    decides when it stops.
+    decides when it stops. ``death_signal`` reaches it if the harness dies.
     """
     proc = subprocess.Popen(
         list(argv),
@@ -172,7 +173,7 @@ def spawn(
         stdout=stdout,
         stderr=stderr,
         start_new_session=True,
-        preexec_fn=_preexec(cpus),
+        preexec_fn=_preexec(cpus, death_signal),
     )
     _LIVE[proc.pid] = proc
     return proc

@@ -221,6 +221,8 @@ class RunningServer:
     startup_seconds: float
     log: Path
     unix: Path | None = None
+    data: Path | None = None
+    """Its ``{data}`` directory (an orchestrator's ``--data-dir``)."""
 
 
 def free_port() -> int:
@@ -313,4 +315,6 @@ def serve(
             raise ServerError(
                 f"{spec.name} ({backend}): {exc}\n$ {' '.join(argv)}\n{procs.tail(log)}"
             ) from None
-        yield RunningServer(proc.pid, 0 if unix else port, time.perf_counter() - started, log, unix)
+        yield RunningServer(
+            proc.pid, 0 if unix else port, time.perf_counter() - started, log, unix, data
+        )

@@ -25,6 +25,11 @@ MODULES = (
     "orchestrator_process",
     "agent_hosting",
     "client_overhead",
+    "scale_workers",
+    "scale_forwarding",
+    "scale_creation",
+    "scale_failover",
+    "scale_checkpoints",
 )
 """Scenario modules, in the order ``run`` without ``--scenario`` runs them."""
 
