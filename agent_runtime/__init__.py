@@ -6,15 +6,19 @@
 ... async def agent(request: dict, context: RequestContext) -> dict:
 ...     return {"response": f"Processed: {request.get('query', '')}"}
 
-The client names (``AgentRuntimeClient``, ``ClientConfig``, ...) are
-re-exported from :mod:`ppio_sandbox.client` lazily, on first access, so code
-running inside a sandbox never imports httpx.
+The client names (``AgentRuntimeClient``, ``ClientConfig``, ``SandboxSession``,
+``AuthManager``, ``TemplateManager``, ...) are re-exported from
+:mod:`ppio_sandbox.client` lazily, on first access, so code running inside a
+sandbox never imports httpx. So are ``PPIOAgentRuntimeServer`` (the HTTP
+server as an object, :mod:`.server`) and ``__version__`` (the installed
+distribution's version). The data models (wire types, configuration, views)
+are gathered in :mod:`ppio_sandbox.agent_runtime.models`.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .app import AgentRuntimeApp, PPIOAgentRuntimeApp
 from .config import AgentConfig
@@ -41,7 +45,10 @@ from .errors import (
 )
 from .protocol import InvocationRequest, InvocationResponse, PingResponse, PingStatus
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from .server import PPIOAgentRuntimeServer
+
+DISTRIBUTION = "ppio-agent-runtime"
 
 # Names served by ppio_sandbox.client, imported on first access.
 _CLIENT_NAMES = frozenset(
@@ -57,7 +64,24 @@ _CLIENT_NAMES = frozenset(
 )
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = value = _version()
+        return value
+    if name == "PPIOAgentRuntimeServer":
+        from .server import PPIOAgentRuntimeServer
+
+        globals()[name] = PPIOAgentRuntimeServer
+        return PPIOAgentRuntimeServer
     if name in _CLIENT_NAMES:
         client = importlib.import_module("ppio_sandbox.client")
         try:
@@ -85,6 +109,7 @@ __all__ = [
     "NotFoundError",
     "PPIOAgentRuntimeApp",
     "PPIOAgentRuntimeError",
+    "PPIOAgentRuntimeServer",
     "PermissionDeniedError",
     "PingResponse",
     "PingStatus",

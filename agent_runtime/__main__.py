@@ -9,19 +9,36 @@ from .loader import find_app, load_agent_module
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="python -m ppio_sandbox.agent_runtime",
-        description="Serve the PPIOAgentRuntimeApp defined in an agent file.",
+        description="Serve the PPIOAgentRuntimeApp defined in an agent file. An option left "
+        "out keeps the value of the app's own AgentConfig (its defaults are named below); "
+        "$PPIO_AGENT_BIND wins over every address option.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("agent_file", help="path to the agent's Python file")
     parser.add_argument("--app", help="name of the app object when the file defines several")
-    parser.add_argument("--host", help="interface to bind (default from AgentConfig: 0.0.0.0)")
-    parser.add_argument("--port", type=int, help="TCP port (default from AgentConfig: 8080)")
+    parser.add_argument(
+        "--host",
+        help="interface to bind (default 127.0.0.1, loopback only; 0.0.0.0 exposes the agent "
+        "on every interface)",
+    )
+    parser.add_argument("--port", type=int, help="TCP port (default 8080)")
     parser.add_argument("--bind", help="unix:/path/to.sock or host:port; overrides --host/--port")
-    parser.add_argument("--backend", choices=["asyncio", "trio"], help="event loop backend")
-    parser.add_argument("--server", choices=["hypercorn", "uvicorn"], help="HTTP server")
-    parser.add_argument("--timeout", type=float, help="per-invocation timeout in seconds")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    parser.add_argument(
+        "--backend", choices=["asyncio", "trio"], help="event loop backend (default asyncio)"
+    )
+    parser.add_argument(
+        "--server", choices=["hypercorn", "uvicorn"], help="HTTP server (default hypercorn)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, help="per-invocation timeout in seconds (default 300; 0: none)"
+    )
+    parser.add_argument(
+        "--log-level", help="DEBUG, INFO, WARNING, ... (default INFO, DEBUG with debug=True)"
+    )
     args = parser.parse_args(argv)
     try:
         app = find_app(load_agent_module(args.agent_file), args.app)

@@ -27,9 +27,13 @@ class AgentConfig:
     bound); ``max_request_size`` is in bytes; ``cors_origins`` lists the
     origins allowed to call the runtime from a browser (empty: no CORS
     headers); ``backend`` is the event loop the server runs on.
+
+    ``host`` defaults to loopback (``127.0.0.1``): only this machine can call
+    the runtime until ``host="0.0.0.0"`` (or ``bind``) exposes it, e.g. in a
+    container. An orchestrator picks the address itself (``$PPIO_AGENT_BIND``).
     """
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8080
     timeout: float | None = 300
     max_request_size: int = 1024 * 1024

@@ -26,7 +26,13 @@ from .config import AgentConfig
 if TYPE_CHECKING:
     from .app import PPIOAgentRuntimeApp
 
-__all__ = ["configure_logging", "hypercorn_config", "serve", "serve_forever"]
+__all__ = [
+    "PPIOAgentRuntimeServer",
+    "configure_logging",
+    "hypercorn_config",
+    "serve",
+    "serve_forever",
+]
 
 logger = logging.getLogger("ppio_sandbox.agent_runtime")
 
@@ -57,6 +63,9 @@ def configure_logging(config: AgentConfig) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
+        # Logging is ours to set up: the agent's own loggers get the level too,
+        # as logging.basicConfig(level=...) would do.
+        root.setLevel(level)
     logging.getLogger("ppio_sandbox").setLevel(level)
 
 
@@ -207,6 +216,89 @@ def _hard_exit() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+class PPIOAgentRuntimeServer:
+    """The HTTP server of a :class:`PPIOAgentRuntimeApp`, as an object.
+
+    ``PPIOAgentRuntimeServer(app).run()`` is ``app.run()``: it blocks, serving
+    until SIGTERM or SIGINT, then drains. ``await server.serve()`` serves on
+    the running event loop (asyncio or trio, hypercorn) until
+    :meth:`shutdown`, or a signal when ``install_signal_handlers`` is on::
+
+        server = PPIOAgentRuntimeServer(app, port=9000)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve)
+            ...
+            server.shutdown()  # graceful: in-flight invocations finish
+
+    The keyword arguments are ``app.run()``'s: ``port``, ``host``, ``bind``,
+    ``backend`` and any :class:`AgentConfig` field; they change ``app.config``.
+    """
+
+    def __init__(
+        self,
+        app: PPIOAgentRuntimeApp,
+        port: int | None = None,
+        host: str | None = None,
+        *,
+        bind: str | None = None,
+        backend: str | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.app = app
+        config = app.config
+        given = {"port": port, "host": host, "bind": bind, "backend": backend, **overrides}
+        for key, value in given.items():
+            if key in ("port", "host", "bind", "backend") and value is None:
+                continue
+            if not hasattr(config, key):
+                raise TypeError(f"unknown server option {key!r}")
+            setattr(config, key, value)
+        config.__post_init__()
+        self._shutdown: anyio.Event | None = None
+        self._stop_requested = False
+
+    @property
+    def config(self) -> AgentConfig:
+        """The app's configuration (where and how it is served)."""
+        return self.app.config
+
+    @property
+    def bind(self) -> str:
+        """Where it listens: ``host:port`` or ``unix:/path`` (``$PPIO_AGENT_BIND`` wins)."""
+        return self.config.resolve_bind()
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then drain in-flight invocations and return."""
+        serve_forever(self.app)
+
+    async def serve(self, *, install_signal_handlers: bool = True) -> None:
+        """Serve on the running anyio backend until :meth:`shutdown` or, with signal
+        handlers (the default; main thread only), SIGTERM/SIGINT."""
+        if self.app.entrypoint_handler is None:
+            raise RuntimeError("no entrypoint registered: decorate your agent with @app.entrypoint")
+        self._shutdown = anyio.Event()
+        if self._stop_requested:
+            self._shutdown.set()
+        try:
+            await serve(
+                self.app,
+                shutdown=self._shutdown,
+                install_signal_handlers=install_signal_handlers,
+            )
+        finally:
+            self._shutdown = None
+            self._stop_requested = False
+
+    def shutdown(self) -> None:
+        """Stop accepting connections and let in-flight invocations finish (from the loop)."""
+        self._stop_requested = True
+        if self._shutdown is not None:
+            self._shutdown.set()
+
+    def __repr__(self) -> str:
+        return f"PPIOAgentRuntimeServer(bind={self.bind!r}, server={self.config.server!r})"
 
 
 def _serve_uvicorn(app: PPIOAgentRuntimeApp) -> None:

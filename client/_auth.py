@@ -8,7 +8,7 @@ server refuses a nonce it has seen). The canonicalisation is the one in
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 
 import httpx
 
@@ -30,6 +30,17 @@ class AuthManager(httpx.Auth):
     'bearer'
     >>> AuthManager("k1", "s3cret").scheme
     'hmac'
+
+    Outside httpx, :meth:`get_auth_headers` gives the headers for a request
+    you send yourself:
+
+    >>> AuthManager("my-token").get_auth_headers()
+    {'Authorization': 'Bearer my-token'}
+    >>> signed = AuthManager("k1", "s3cret").get_auth_headers(
+    ...     "POST", "http://127.0.0.1:8900/v1/sessions", body=b'{"template_id": "assistant"}',
+    ...     headers={"content-type": "application/json"})
+    >>> sorted(signed)
+    ['Authorization', 'X-PPIO-Content-SHA256', 'X-PPIO-Date', 'X-PPIO-Nonce']
     """
 
     requires_request_body = True  # the signature covers the body
@@ -61,6 +72,29 @@ class AuthManager(httpx.Auth):
             access_key=self.api_key,
             secret=self._secret,
         )
+
+    def get_auth_headers(
+        self,
+        method: str = "GET",
+        url: str | None = None,
+        *,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, str]:
+        """The headers that authenticate ``method url`` with ``body`` and ``headers``.
+
+        For a request sent by other means than this client. A Bearer key
+        needs no request; a signature covers the method, the absolute
+        ``url`` (path, query and host), the content type in ``headers`` and
+        the body, so send exactly those, with every header returned, once
+        (each call makes a new nonce).
+        """
+        if self._secret is None:
+            return {"Authorization": f"Bearer {self.api_key}"}
+        if url is None:
+            raise ValueError("a signed request needs its absolute url (and method, body)")
+        request = httpx.Request(method, url, content=body, headers=dict(headers or {}))
+        return self.auth_headers(request)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers.update(self.auth_headers(request))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import anyio
@@ -15,6 +16,9 @@ from ppio_sandbox.agent_runtime.packaging import AGENT_FILE, pack_directory
 
 from ._connection import ApiConnection
 from ._models import AgentTemplate, convert
+
+if TYPE_CHECKING:
+    from ._client import AgentRuntimeClient
 
 __all__ = ["TemplateManager"]
 
@@ -42,19 +46,33 @@ class TemplateManager:
     only settled templates (deployed or failed), so a build in progress is
     always fetched fresh.
 
+    Every client has one (``client.templates``); ``TemplateManager(client)``
+    makes another over the same connection, with a cache of its own (by
+    default as the client's ``enable_cache`` and ``cache_ttl`` say):
+
     >>> async def main(client):  # doctest: +SKIP
-    ...     templates = await client.templates.list_templates()
-    ...     print([t.template_id for t in templates if t.deployed])
+    ...     templates = TemplateManager(client)
+    ...     print([t.template_id for t in await templates.list_templates() if t.deployed])
+    ...     print((await templates.get_template("assistant")).phase)
     """
 
     def __init__(
         self,
-        conn: ApiConnection,
+        conn: ApiConnection | AgentRuntimeClient,
         *,
-        enabled: bool = True,
-        ttl: float = 300,
+        enabled: bool | None = None,
+        ttl: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not isinstance(conn, ApiConnection):
+            inner = getattr(conn, "_conn", None)
+            if not isinstance(inner, ApiConnection):
+                raise TypeError(
+                    f"TemplateManager needs an AgentRuntimeClient, not {type(conn).__name__}"
+                )
+            conn = inner
+        enabled = conn.config.enable_cache if enabled is None else enabled
+        ttl = conn.config.cache_ttl if ttl is None else ttl
         self._conn = conn
         self._enabled = enabled and ttl > 0
         self._ttl = ttl
