@@ -23,7 +23,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--data-dir",
         type=Path,
         default=Path(".ppio-orchestrator"),
-        help="where templates, their database and sandboxes' working directories live",
+        help="where templates, their database and sandboxes' working directories live "
+        "(default .ppio-orchestrator, in the current directory)",
     )
     p.add_argument(
         "--template",
@@ -38,25 +39,47 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="append",
         default=[],
         metavar="[TENANT:]KEY_ID:SECRET",
-        help="accept this API key (repeatable); also $PPIO_ORCHESTRATOR_KEYS",
+        help="accept this API key (repeatable); also $PPIO_ORCHESTRATOR_KEYS (comma-separated "
+        "keys) and --keys-file; the tenant defaults to 'default'. Default: no keys, so no "
+        "authentication and loopback only",
     )
-    p.add_argument("--keys-file", action="append", default=[], type=Path, help="file of API keys")
+    p.add_argument(
+        "--keys-file",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="file of API keys (repeatable): one [TENANT:]KEY_ID:SECRET per line, blank lines "
+        'and lines starting with # skipped; or JSON {"keys": [{"tenant": ..., "key_id": ..., '
+        '"secret": ...}]} (the tenant is optional, "default" by default)',
+    )
     p.add_argument(
         "--worker",
         choices=["asyncio", "uvloop", "trio"],
         default=None,
         help="event loop (default: uvloop when installed, else asyncio)",
     )
-    p.add_argument("--warm-pool", type=int, help="process sandboxes kept warm per template")
+    p.add_argument(
+        "--warm-pool",
+        type=int,
+        help="process sandboxes kept warm per template (default: each template's "
+        "spec.sandbox.warm_pool, 0 unless it says)",
+    )
     p.add_argument(
         "--trust-uploads",
         action="store_true",
         help="let templates uploaded by tenants (POST /v1/templates) run in-process as their "
         "spec asks; without it they run as process sandboxes, since in-process code shares "
-        "the orchestrator's memory (--template directories may always run in-process)",
+        "the orchestrator's memory (--template directories may always run in-process; "
+        "default off)",
     )
-    p.add_argument("--grace", type=float, default=30.0, help="seconds to drain turns on SIGTERM")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds running turns may take to finish on SIGTERM (default 30)",
+    )
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
     p.add_argument(
         "--header-timeout",
         type=float,
@@ -104,7 +127,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="etcd://HOST:PORT[,HOST:PORT...]: join the cluster whose membership and sessions "
         "live in that etcd (also $PPIO_CLUSTER)",
     )
-    p.add_argument("--node-id", default=None, help="this node's name in the cluster")
+    p.add_argument(
+        "--node-id",
+        default=None,
+        help="this node's name in the cluster (default HOSTNAME-PORT)",
+    )
     p.add_argument(
         "--advertise",
         default=None,
@@ -152,6 +179,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     if list(argv[:1]) != ["serve"]:
@@ -159,6 +187,12 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
         add_commands(sub)
     return parser
+
+
+def _version() -> str:
+    from ppio_sandbox.agent_runtime import __version__
+
+    return str(__version__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
