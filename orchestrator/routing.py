@@ -25,6 +25,7 @@ import anyio
 
 from ppio_sandbox.agent_runtime.errors import (
     PPIOAgentRuntimeError,
+    SandboxCrashedError,
     ServiceUnavailableError,
 )
 
@@ -37,6 +38,9 @@ from .wire import decode_object, encode_reply, record_view, session_view
 __all__ = ["Router"]
 
 logger = logging.getLogger("ppio_sandbox.orchestrator.routing")
+
+OWNER_CHECK_INTERVAL = 0.25
+"""Seconds between looks, while a forwarded request waits, at whether its owner still is."""
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -140,15 +144,7 @@ class Router:
                     retry_after=self.placement.retry_after,
                 )
             try:
-                await self.forwarder.forward(
-                    scope,
-                    receive,
-                    send,
-                    body=body,
-                    tenant=tenant,
-                    owner=owner,
-                    owner_url=self._url_of(owner),
-                )
+                await self._forward_watched(scope, receive, send, body, tenant, sid, owner)
             except Misdirected:
                 if metrics is not None:
                     metrics.forwarded_total.labels("misdirected").inc()
@@ -173,6 +169,71 @@ class Router:
             if metrics is not None:
                 metrics.forwarded_total.labels("ok").inc()
             return
+
+    async def _forward_watched(
+        self,
+        scope: dict[str, Any],
+        receive: Receive,
+        send: Send,
+        body: bytes,
+        tenant: str,
+        sid: str,
+        owner: Owner,
+    ) -> None:
+        """Forward to ``owner``, giving up on it if it stops owning the session meanwhile.
+
+        An owner that hangs (paused, cut off from everyone) keeps the connection open
+        and never answers, while its lease runs out and another node takes the session
+        over: the request must not wait for it for ever. A 502 (the turn may have run
+        there; its retry with the same Idempotency-Key is safe) once this node's view
+        says the session is no longer that owner's.
+        """
+        failed: list[Exception] = []
+        left = started = False
+
+        async def relay(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        async def forward() -> None:
+            try:
+                await self.forwarder.forward(
+                    scope,
+                    receive,
+                    relay,
+                    body=body,
+                    tenant=tenant,
+                    owner=owner,
+                    owner_url=self._url_of(owner),
+                )
+            except Exception as exc:
+                failed.append(exc)
+            tg.cancel_scope.cancel()
+
+        async def watch() -> None:
+            nonlocal left
+            while True:
+                await anyio.sleep(OWNER_CHECK_INTERVAL)
+                now = self.placement.owner(tenant, sid)
+                if now is None or now.node != owner.node:
+                    left = True
+                    tg.cancel_scope.cancel()
+                    return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            tg.start_soon(forward)
+        if failed:
+            raise failed[0]
+        if left:
+            logger.warning("node %s left the cluster while serving %s: given up", owner.node, sid)
+            if started:  # part of its reply is out: end the connection, the caller sees it cut
+                raise ConnectionAbortedError(f"node {owner.node} left mid-reply")
+            raise SandboxCrashedError(
+                f"node {owner.node}, which owned session {sid}, left the cluster during the "
+                "request (its lease ran out); a retry with the same Idempotency-Key is safe"
+            )
 
     def _from_another_machine(self, scope: dict[str, Any], owner: Owner) -> bool:
         """A node on another machine sent this request for a worker of this machine.
