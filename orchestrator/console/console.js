@@ -16,6 +16,7 @@
 (() => {
   const KEY_STORAGE = "ppio.console.key";
   const HISTORY = 120; // chart points kept (two minutes at the default refresh)
+  const WINDOW = 5; // seconds: turns/s and latency quantiles are over the last WINDOW seconds
   const TURNS_SHOWN = 50;
   const ENDED = new Set(["closing", "closed", "failed"]);
   const NOT_OK = ["error", "timeout", "cancelled", "crashed", "rejected"];
@@ -44,6 +45,7 @@
     turnsLoaded: false,
     prevStats: null,
     lastStats: null,
+    window: [], // recent stats, oldest first: the base of the windowed rates
   };
 
   // -- small helpers --------------------------------------------------------
@@ -174,7 +176,7 @@
     if (asked >= 100) {
       const select = $("refresh");
       if (![...select.options].some((o) => o.value === String(asked))) {
-        select.append(el("option", { value: asked, text: fmtSeconds(asked / 1000) }));
+        select.append(el("option", { value: asked, text: `${asked / 1000} s` }));
       }
       select.value = String(asked);
       state.interval = asked;
@@ -278,6 +280,7 @@
       $("notice").hidden = true;
     }
     state.prevStats = null;
+    state.window = [];
     ingestStats(stats);
     showView(state.view);
   }
@@ -294,6 +297,7 @@
     }
     state.templatesAt = 0;
     state.prevStats = state.lastStats = null;
+    state.window = [];
     for (const chart of Object.values(charts)) chart.reset();
     $("error").hidden = true;
     showLogin(message || "");
@@ -405,6 +409,15 @@
     return session.resident === false ? "dormant" : session.status;
   }
 
+  /** The idle deadline as shown; a session running or holding turns is not idle (its
+   * expires_at is then the end of its maximum lifetime). */
+  function deadlineText(s, now) {
+    if (ENDED.has(s.status)) return "—";
+    if (s.status !== "paused" && (s.status === "busy" || s.turns.queued > 0)) return "not idle";
+    const left = s.expires_at - now;
+    return left > 0 ? `in ${fmtDuration(left)}` : "due";
+  }
+
   function actionButtons(id, where) {
     const make = (action, label, cls) => {
       const button = el("button", {
@@ -484,9 +497,12 @@
     setText(row.templateId, template ? shortId(s.template_id) : "");
     setText(row.cells.age, fmtDuration(now - s.created_at));
     row.cells.age.title = `created ${fmtWhen(s.created_at)}`;
-    const left = s.expires_at - now;
-    setText(row.cells.deadline, ENDED.has(s.status) ? "—" : left > 0 ? `in ${fmtDuration(left)}` : "due");
-    row.cells.deadline.title = `${fmtWhen(s.expires_at)} (idle timeout ${s.timeout_seconds} s)`;
+    const deadline = deadlineText(s, now);
+    setText(row.cells.deadline, deadline);
+    row.cells.deadline.title =
+      deadline === "not idle"
+        ? `working; its maximum lifetime ends ${fmtWhen(s.expires_at)}`
+        : `${fmtWhen(s.expires_at)} (idle timeout ${s.timeout_seconds} s)`;
     setText(row.cells.turns, `${s.turns.ok} / ${s.turns.failed}`);
     setText(row.cells.mailbox, s.turns.queued);
     const sandbox = s.sandbox;
@@ -663,7 +679,7 @@
       ["Template", template ? `${template.name} ${template.version} (${s.template_id})` : s.template_id],
       ["Created", `${fmtWhen(s.created_at)} (${fmtDuration(now - s.created_at)} ago)`],
       ["Last activity", `${fmtDuration(now - s.last_activity)} ago`],
-      ["Idle deadline", ENDED.has(s.status) ? "—" : `${fmtWhen(s.expires_at)}`],
+      ["Idle deadline", deadlineText(s, now) === "not idle" ? "not idle" : ENDED.has(s.status) ? "—" : fmtWhen(s.expires_at)],
       ["Idle timeout", `${s.timeout_seconds} s`],
       ["Turns", `${s.turns.ok} ok · ${s.turns.failed} failed · ${s.turns.queued} queued`],
       ["Restarts", String(s.restarts)],
@@ -961,7 +977,7 @@
       const ctx = canvas.getContext("2d");
       ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
       ctx.clearRect(0, 0, width, height);
-      const left = 40;
+      const left = 48;
       const right = 6;
       const top = 8;
       const bottom = 14;
@@ -1053,24 +1069,32 @@
     let p99 = null;
     let newStarts = null;
     let newCrashes = null;
-    if (prev && prev.turns) {
-      const seconds = stats.time - prev.time;
-      const prevNotOk = NOT_OK.reduce((a, k) => a + (prev.turns.by_outcome[k] || 0), 0);
-      const dOk = total - notOk - (sum(prev.turns.by_outcome) - prevNotOk);
-      const dBad = notOk - prevNotOk;
-      if (seconds > 0 && dOk >= 0 && dBad >= 0) {
+    // Turns/s and latency over the last WINDOW seconds (a counter that went back, a
+    // restarted orchestrator, starts the window again).
+    const win = state.window;
+    win.push(stats);
+    while (win.length > 2 && win[1].time <= stats.time - WINDOW) win.shift();
+    const base = win[0];
+    if (base !== stats && base.turns) {
+      const seconds = stats.time - base.time;
+      const baseNotOk = NOT_OK.reduce((a, k) => a + (base.turns.by_outcome[k] || 0), 0);
+      const dOk = total - notOk - (sum(base.turns.by_outcome) - baseNotOk);
+      const dBad = notOk - baseNotOk;
+      const now = stats.turns.duration_seconds;
+      const before = base.turns.duration_seconds;
+      const delta = now.counts.map((c, i) => c - (before.counts[i] || 0));
+      if (seconds > 0 && dOk >= 0 && dBad >= 0 && delta.every((d) => d >= 0)) {
         okRate = dOk / seconds;
         badRate = dBad / seconds;
-      }
-      const now = stats.turns.duration_seconds;
-      const before = prev.turns.duration_seconds;
-      const delta = now.counts.map((c, i) => c - (before.counts[i] || 0));
-      if (delta.every((d) => d >= 0)) {
         const q50 = quantile(0.5, now.buckets, delta);
         const q99 = quantile(0.99, now.buckets, delta);
         p50 = q50 === null ? null : q50 * 1000;
         p99 = q99 === null ? null : q99 * 1000;
+      } else {
+        state.window = [stats];
       }
+    }
+    if (prev && prev.sandboxes) {
       const dStarts = starts - sum(prev.sandboxes.starts);
       const dCrashes = crashes - sum(prev.sandboxes.crashes);
       if (dStarts >= 0 && dCrashes >= 0) {

@@ -8,6 +8,7 @@ default is 1 s), so what the API does shows within one poll.
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 from playwright.sync_api import Page, expect
@@ -135,8 +136,27 @@ def test_turns_appear_live_and_the_charts_follow(page: Page, tmp_path: Path) -> 
         newest = page.locator("#turns tbody tr").first
         expect(newest).to_have_attribute("data-request-id", "req-two")
 
+        # A turn still running: at the top, and its session busy, not idle.
+        def slow_turn() -> None:
+            with orch.client(SECRET) as own:
+                body = {"action": "sleep", "seconds": 1.0}
+                headers = {"X-PPIO-Request-Id": "req-slow"}
+                own.post(f"/v1/sessions/{sid}/invocations", json=body, headers=headers)
+
+        slow = threading.Thread(target=slow_turn)
+        slow.start()
+        running = page.locator('#turns tr[data-request-id="req-slow"]')
+        expect(running.locator(".state")).to_have_text("running")
+        expect(running).to_contain_text("running…")
+        session_row = page.locator(f'#sessions tr[data-session-id="{sid}"]')
+        expect(session_row.locator(".state")).to_have_text("busy")
+        expect(session_row).to_contain_text("not idle")
+        slow.join()
+        expect(running.locator(".state")).to_have_text("ok")
+        expect(session_row.locator(".state")).to_have_text("ready")
+
         # The charts' figures come from the same counters as /metrics.
-        expect(page.locator("#legend-turns")).to_contain_text("2 total")
+        expect(page.locator("#legend-turns")).to_contain_text("3 total")
         expect(page.locator("#legend-latency")).to_contain_text("mean")
         expect(page.locator("#legend-sessions")).to_contain_text("active 1")
         expect(page.locator("#legend-sandboxes")).to_contain_text("1 started")
