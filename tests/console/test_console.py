@@ -7,16 +7,29 @@ default is 1 s), so what the API does shows within one poll.
 
 from __future__ import annotations
 
+import io
 import re
+import tarfile
 import threading
 from pathlib import Path
 
 from playwright.sync_api import Page, expect
 
+from tests.orchestrator.conftest import TEMPLATES
+
 from .conftest import KEYS, OTHER_SECRET, SECRET, serve, sign_in
 
 KEY_STORAGE = "sessionStorage.getItem('ppio.console.key')"
 CONSOLE = "{}/ui?refresh=200"
+UPLOADED_YAML = b"""\
+apiVersion: v1
+kind: Agent
+metadata:
+  name: uploaded
+  version: "2.0.0"
+spec:
+  entrypoint: agent.py
+"""
 
 
 def test_sign_in_see_a_session_appear_pause_and_close_it(page: Page, tmp_path: Path) -> None:
@@ -214,6 +227,20 @@ def test_without_keys_no_sign_in_and_every_view_works(page: Page, tmp_path: Path
         expect(echo.locator(".state")).to_have_text("deployed")
         expect(echo).to_contain_text("inprocess")
         expect(echo).to_contain_text("1.0.0")
+
+        # Deploy an upload from the page: its phase follows live, up to deployed.
+        archive = tmp_path / "uploaded.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(TEMPLATES / "echo" / "agent.py", arcname="agent.py")
+            info = tarfile.TarInfo(".ppio-agent.yaml")
+            info.size = len(UPLOADED_YAML)
+            tar.addfile(info, io.BytesIO(UPLOADED_YAML))
+        page.locator("#deploy-file").set_input_files(archive)
+        page.locator("#deploy-submit").click()
+        expect(page.locator("#deploy-status")).to_contain_text("uploaded 2.0.0")
+        uploaded = page.locator("#templates tbody tr").filter(has_text="uploaded")
+        expect(uploaded.locator(".state")).to_have_text("deployed")
+        expect(uploaded).to_contain_text("process")  # an upload runs walled off, by default
 
         # Cluster: a single node shows just itself, with its load.
         page.locator('#nav .tab[data-view="cluster"]').click()
