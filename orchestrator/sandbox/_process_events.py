@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
-import httpx
 import msgspec
 
 from ppio_sandbox.agent_runtime.errors import (
@@ -19,9 +17,13 @@ from ppio_sandbox.agent_runtime.errors import (
 from ppio_sandbox.agent_runtime.protocol import decode_json
 from ppio_sandbox.agent_runtime.sse import SSEEvent, iter_events
 
+from ._h11client import Response, TransportError
+
 __all__ = ["EventStream", "agent_error", "decode_reply"]
 
 _ENVELOPE_KEYS = frozenset({"result", "status", "duration", "metadata"})
+FINISH_TIMEOUT = 0.5
+"""After a stream's last event, how long its body's end is waited for before closing instead."""
 
 
 def agent_error(status: int, body: Any) -> PPIOAgentRuntimeError:
@@ -71,21 +73,30 @@ def decode_reply(status: int, body: bytes, *, envelope: bool = True) -> Any:
 class EventStream(AsyncIterator[Any]):
     """The chunks of a streamed turn, decoded as they arrive.
 
-    Ends at ``event: done`` (or, for peers that send none, at a clean end of
-    the body); an ``event: error`` raises the error it carries; a broken
-    connection raises what ``on_broken`` makes of it (SandboxCrashedError).
-    Any error, cancellation or :meth:`aclose` closes the HTTP response, so
-    the agent's generator on the other side is cancelled.
+    Reads the response's body piece by piece, only when asked for the next
+    chunk (a reader that waits leaves the agent waiting: backpressure), and
+    cuts it into events at blank lines (``\\n``, ``\\r\\n`` or ``\\r`` line
+    ends, a line end split across pieces included); each event is parsed by
+    :func:`~ppio_sandbox.agent_runtime.sse.iter_events`. Ends at ``event:
+    done`` (or, for peers that send none, at a clean end of the body); an
+    ``event: error`` raises the error it carries; a broken connection raises
+    what ``on_broken`` makes of it (SandboxCrashedError). After ``done`` or
+    ``error`` the end of the body is waited for (up to
+    :data:`FINISH_TIMEOUT`), so the connection serves the next turn. Any
+    other error, cancellation or :meth:`aclose` before the end closes the
+    response's connection, so the agent's generator on the other side is
+    cancelled.
     """
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: Response,
         on_broken: Callable[[BaseException], Awaitable[SandboxCrashedError]],
     ) -> None:
         self._response = response
-        self._lines = response.aiter_lines()
         self._on_broken = on_broken
+        self._buffer = b""  # received, not yet cut into events; line ends are \n
+        self._cr = False  # the last piece ended with \r: the next may start with its \n
         self._finished = False
         self.last_event_id: str | None = None
 
@@ -98,15 +109,20 @@ class EventStream(AsyncIterator[Any]):
         try:
             while True:
                 event = await self._read_event()
-                if event is None or event.event == "done":
+                if event is None:
                     raise StopAsyncIteration
                 if event.event == "message":
                     self.last_event_id = event.id
                     return _decode_data(event)
+                if event.event == "done":
+                    await self._response.finish(FINISH_TIMEOUT)
+                    raise StopAsyncIteration
                 if event.event == "error":
-                    raise agent_error(500, _decode_data(event))
+                    error = agent_error(500, _decode_data(event))
+                    await self._response.finish(FINISH_TIMEOUT)
+                    raise error
                 # other event types (none defined yet) are skipped
-        except (httpx.TransportError, httpx.StreamError) as exc:
+        except TransportError as exc:
             await self.aclose()
             raise await self._on_broken(exc) from exc
         except BaseException:
@@ -114,31 +130,46 @@ class EventStream(AsyncIterator[Any]):
             raise
 
     async def _read_event(self) -> SSEEvent | None:
-        block: list[str] = []
-        async for line in self._lines:
-            if line:
-                block.append(line)
+        """The next event, or None at the end of the body."""
+        start = 0  # where a blank line may begin: the buffer before it has none
+        while True:
+            buffer = self._buffer
+            end = buffer.find(b"\n\n", start)
+            if end >= 0:
+                self._buffer = buffer[end + 2 :]
+                start = 0
+                event = _parse_block(buffer[:end])
+                if event is not None:  # a block of comments only carries no event
+                    return event
                 continue
-            events = list(iter_events(iter(block)))
-            block = []
-            if events:  # a block of comments only carries no event
-                return events[0]
-        events = list(iter_events(iter(block)))
-        return events[0] if events else None
+            piece = await self._response.receive()
+            if not piece:
+                self._buffer = b""
+                return _parse_block(buffer)
+            if self._cr:
+                piece = piece[1:] if piece[:1] == b"\n" else piece
+            self._cr = piece[-1:] == b"\r"
+            if b"\r" in piece:
+                piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            start = max(len(buffer) - 1, 0)
+            self._buffer = buffer + piece
 
     async def aclose(self) -> None:
-        """Stop reading and close the response (and with it the connection)."""
+        """Stop reading and close the response (and with it the connection) unless it ended."""
         if self._finished:
             return
         self._finished = True
-        with anyio.CancelScope(shield=True):
-            try:
-                close_lines = getattr(self._lines, "aclose", None)
-                if close_lines is not None:
-                    with contextlib.suppress(RuntimeError):  # running in another task
-                        await close_lines()
-            finally:
+        if not self._response.complete:
+            with anyio.CancelScope(shield=True):
                 await self._response.aclose()
+
+
+def _parse_block(block: bytes) -> SSEEvent | None:
+    """The event of one block of lines (no blank line inside), if it has one."""
+    if not block:
+        return None
+    lines = block.decode("utf-8", errors="replace").split("\n")
+    return next(iter_events(iter(lines)), None)
 
 
 def _decode_data(event: SSEEvent) -> Any:

@@ -1,7 +1,9 @@
 """``ProcessSandbox``: one session's agent in its own OS process, over HTTP.
 
 Public through :mod:`.process`; see that module for the overview, and
-:mod:`._isolation` for the walls around the process.
+:mod:`._isolation` for the walls around the process. The orchestrator
+speaks HTTP/1.1 to the process through :class:`._h11client.H11Client`
+(h11 over anyio streams, one or two keep-alive connections).
 
 Every wait has a deadline: start (``start_timeout``), ``/ping``
 (:data:`PING_TIMEOUT`; a paused sandbox answers ``{"status": "Paused"}``
@@ -30,7 +32,6 @@ from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
-import httpx
 
 from ppio_sandbox.agent_runtime.errors import SandboxCrashedError, ServiceUnavailableError
 from ppio_sandbox.agent_runtime.protocol import (
@@ -44,6 +45,7 @@ from ppio_sandbox.agent_runtime.protocol import (
 
 from . import _isolation
 from . import _process_spawn as _spawn
+from ._h11client import H11Client, TransportError
 from ._process_events import EventStream, decode_reply
 from .base import Sandbox, TurnCall
 
@@ -58,16 +60,15 @@ _HOP_BY_HOP = frozenset(
 _OWN_HEADERS = frozenset(
     h.lower() for h in (HEADER_SESSION_ID, HEADER_AGENTCORE_SESSION_ID, HEADER_REQUEST_ID)
 )
+_SSE = CONTENT_SSE.encode()
 # The actor owns the turn's deadline (cancel scopes); the client only bounds
-# connecting and writing. No read timeout: a paused sandbox may sit mid-turn.
-_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
+# connecting and writing (H11Client's defaults: 10 s, 60 s). No read timeout:
+# a paused sandbox may sit mid-turn.
 PING_TIMEOUT = 5.0
 """A live sandbox that does not answer ``/ping`` within this is reported unavailable."""
-_PING_TIMEOUT = httpx.Timeout(PING_TIMEOUT)
+_PING_TIMEOUT: Any = PING_TIMEOUT  # seconds; a test may patch in an httpx.Timeout (its .read)
 _GONE_TIMEOUT = 5.0  # after SIGKILL: for the last processes of the sandbox to be reaped
-_LIMITS = httpx.Limits(max_keepalive_connections=4, keepalive_expiry=None)
-# Plain HTTP to a local socket: TLS is never used, and ``verify=False`` spares
-# each sandbox the ~25 ms of loading the CA bundle into a new SSL context.
+_ACCEPT = f"{CONTENT_JSON}, {CONTENT_SSE}"
 
 
 class ProcessSandbox(Sandbox):
@@ -160,7 +161,7 @@ class ProcessSandbox(Sandbox):
         self.session_id = session_id
         self._env_vars = dict(env_vars or {})
         self._proc: subprocess.Popen[bytes] | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: H11Client | None = None
         self._launch: _spawn.Launch | None = None
         self._address = ""
         self._deadline = 0.0
@@ -307,7 +308,7 @@ class ProcessSandbox(Sandbox):
         await anyio.lowlevel.checkpoint()  # deliver a cancellation that waited
 
     def _prepare_and_spawn(self) -> None:
-        """Copy, lease, create the cgroup, build the client, spawn (in a worker thread)."""
+        """Copy, lease, create the cgroup, make the client, spawn (in a worker thread)."""
         spec = self.spec
         try:
             launch = self._launch = _spawn.prepare_launch(spec, self.session_id or "warm")
@@ -316,15 +317,12 @@ class ProcessSandbox(Sandbox):
         except (OSError, RuntimeError) as exc:  # no uid left, a cgroup refused...
             raise SandboxCrashedError(f"could not prepare the sandbox: {exc}") from exc
         if spec.bind == "tcp":
-            self._address = f"127.0.0.1:{_spawn.free_tcp_port()}"
-            transport = httpx.AsyncHTTPTransport(limits=_LIMITS, verify=False)
-            base_url = f"http://{self._address}"
+            port = _spawn.free_tcp_port()
+            self._address = f"127.0.0.1:{port}"
+            client = H11Client.tcp("127.0.0.1", port)
         else:
             self._address = f"unix:{launch.socket}"
-            transport = httpx.AsyncHTTPTransport(
-                uds=str(launch.socket), limits=_LIMITS, verify=False
-            )
-            base_url = "http://sandbox"
+            client = H11Client.unix(launch.socket)
         env = _spawn.sandbox_environment(
             spec,
             workdir=launch.workdir,
@@ -338,7 +336,7 @@ class ProcessSandbox(Sandbox):
             assert spec.entrypoint is not None
             argv = [spec.python, "-m", "ppio_sandbox.agent_runtime", spec.entrypoint]
             argv += ["--bind", self._address]
-        self._client = httpx.AsyncClient(transport=transport, base_url=base_url, timeout=_TIMEOUT)
+        self._client = client
         try:
             self._proc = _spawn.spawn(spec, launch, argv, env)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
@@ -361,9 +359,9 @@ class ProcessSandbox(Sandbox):
             if self.spec.bind == "tcp" or launch.socket.exists():
                 with anyio.move_on_after(max(0.1, self._deadline - anyio.current_time())):
                     try:
-                        if (await client.get("/ping")).status_code == 200:
+                        if (await client.request("GET", "/ping"))[0] == 200:
                             return
-                    except httpx.TransportError:
+                    except TransportError:
                         pass
             if anyio.current_time() >= self._deadline:
                 raise await self._failure(
@@ -517,7 +515,7 @@ class ProcessSandbox(Sandbox):
 
     # --- turns ---------------------------------------------------------------------------
 
-    def _live_client(self) -> httpx.AsyncClient:
+    def _live_client(self) -> H11Client:
         if self._closing:
             raise SandboxCrashedError("sandbox is closed")
         if self._broken:
@@ -543,25 +541,18 @@ class ProcessSandbox(Sandbox):
         headers[HEADER_SESSION_ID] = headers[HEADER_AGENTCORE_SESSION_ID] = call.session_id
         headers[HEADER_REQUEST_ID] = call.request_id
         headers["content-type"] = CONTENT_JSON
-        headers["accept"] = f"{CONTENT_JSON}, {CONTENT_SSE}"
-        request = client.build_request(
-            "POST", "/invocations", content=encode_json(call.payload), headers=headers
-        )
-        response: httpx.Response | None = None
+        headers["accept"] = _ACCEPT
         try:
-            response = await client.send(request, stream=True)
-            status = response.status_code
-            if status == 200 and response.headers.get("content-type", "").startswith(CONTENT_SSE):
-                stream = EventStream(response, self._crashed)
-                response = None  # the stream owns it now
-                return stream
-            body = await response.aread()
-        except (httpx.TransportError, httpx.StreamError) as exc:
+            # Cancelled or failed anywhere, the client closes the connection.
+            response = await client.send(
+                "POST", "/invocations", headers.items(), encode_json(call.payload)
+            )
+            status = response.status
+            if status == 200 and response.header(b"content-type").startswith(_SSE):
+                return EventStream(response, self._crashed)  # the stream owns the response
+            body = await response.read()
+        except TransportError as exc:
             raise await self._crashed(exc) from exc
-        finally:
-            if response is not None:
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
         return decode_reply(status, body)
 
     async def ping(self) -> dict[str, Any]:
@@ -574,15 +565,17 @@ class ProcessSandbox(Sandbox):
         client = self._live_client()
         if self._paused:
             return {"status": "Paused", "time_of_last_update": int(self._paused_at)}
+        timeout = float(getattr(_PING_TIMEOUT, "read", _PING_TIMEOUT))
         try:
-            response = await client.get("/ping", timeout=_PING_TIMEOUT)
-        except httpx.TimeoutException as exc:
+            with anyio.fail_after(timeout):
+                status, body = await client.request("GET", "/ping")
+        except TimeoutError as exc:  # the deadline, or connecting took too long
             raise ServiceUnavailableError(
-                f"sandbox did not answer /ping within {PING_TIMEOUT:g} s"
+                f"sandbox did not answer /ping within {timeout:g} s"
             ) from exc
-        except httpx.TransportError as exc:
+        except TransportError as exc:
             raise await self._crashed(exc) from exc
-        answer = decode_reply(response.status_code, response.content, envelope=False)
+        answer = decode_reply(status, body, envelope=False)
         return answer if isinstance(answer, dict) else {"status": answer}
 
 
