@@ -25,8 +25,11 @@ from ppio_sandbox.agent_runtime.errors import (
     InvocationTimeoutError,
     PPIOAgentRuntimeError,
     SandboxCrashedError,
+    ServiceUnavailableError,
 )
 
+from . import _tracing
+from ._tracing import TurnSpan
 from .sandbox.base import Sandbox, TurnCall
 from .session_core import SessionCore, Turn, TurnOutcome
 
@@ -120,9 +123,21 @@ async def _changed(turn: Turn) -> None:
 
 
 async def wait_started(turn: Turn) -> None:
-    """Wait until the turn is done or has started streaming."""
-    while not (turn.done or turn.streaming):
-        await _changed(turn)
+    """Wait until the turn is done or has started streaming.
+
+    Traced, a turn not started yet learns the waiting request's context here
+    (its actor runs it in another task: see :mod:`._tracing`).
+    """
+    if not _tracing.ENABLED or turn.started_at is not None or turn.done:
+        while not (turn.done or turn.streaming):
+            await _changed(turn)
+        return
+    parent = _tracing.wait_for(turn)
+    try:
+        while not (turn.done or turn.streaming):
+            await _changed(turn)
+    finally:
+        _tracing.done_waiting(turn, parent)
 
 
 async def read_batches(
@@ -156,6 +171,7 @@ class ActorHost(Protocol):
     """What an actor needs from the node hosting it (:class:`.session_host.SessionHost`)."""
 
     clock: Callable[[], float]
+    metrics: Any  # OrchestratorMetrics or None
 
     def activate(self, session: Session) -> None: ...
 
@@ -211,14 +227,26 @@ class TurnRunner:
 
         The turn starts in the request's task; a plain reply finishes there. A
         stream is handed to a task of its own (in the host's task group), which
-        outlives the request, as an actor's would. The caller leaving does not
-        stop the turn (its reply is kept for a retry). Turns that queued up
-        meanwhile go to an actor afterwards.
+        outlives the request, as an actor's would. A caller that disconnects
+        does not cancel its request's task (the server only tells it), so the
+        turn runs to its end and its reply is kept for a retry; a request
+        cancelled because the server is stopping ends its turn as cancelled.
+        Turns that queued up meanwhile go to an actor afterwards.
         """
         try:
-            with anyio.CancelScope(shield=True):
-                await self._run_turn(session, turn, inline=True)
+            await self._run_turn(session, turn, inline=True)
         finally:
+            if not turn.done and turn.cancel is not None:  # cancelled from outside
+                with anyio.CancelScope(shield=True):
+                    await self._finish(
+                        session,
+                        turn,
+                        None,
+                        0.0,
+                        TurnOutcome.CANCELLED,
+                        None,
+                        ServiceUnavailableError("the orchestrator stopped during the turn"),
+                    )
             core = session.core
             if not core.ended and core.queued and not core.paused:
                 self.host.activate(session)
@@ -231,48 +259,71 @@ class TurnRunner:
         result: Any = None
         error: PPIOAgentRuntimeError | None = None
         outcome = TurnOutcome.OK
-        # One scope for both ways a turn is stopped: its deadline, and
-        # turn.cancel (called once the core has recorded why: core.stop).
-        with anyio.CancelScope(deadline=deadline) as scope:
-            turn.cancel = scope.cancel
-            try:
-                result = await self._start(session, turn)
-                if hasattr(result, "__anext__"):
-                    if inline:  # the stream outlives the request: a task of its own
-                        turn.cancel = None
-                        host.spawn(self._run_stream, session, turn, result, deadline, timeout)
-                        return
-                    await self._stream(session, turn, result)
-                    result = None
-            except SandboxCrashedError as exc:
-                error, outcome = exc, TurnOutcome.CRASHED
-            except PPIOAgentRuntimeError as exc:
-                error, outcome = exc, TurnOutcome.ERROR
-            except BaseException as exc:  # sys.exit() in an in-process agent fails its turn only
-                if is_cancellation(exc):
-                    raise
-                error, outcome = InvocationError(describe_failure(exc)), TurnOutcome.ERROR
-        await self._finish(session, turn, scope, timeout, outcome, result, error)
+        span = None
+        if _tracing.ENABLED:
+            span = TurnSpan.open(
+                turn, session_id=session.session_id, template_id=session.template_id, inline=inline
+            )
+        try:
+            # One scope for both ways a turn is stopped: its deadline, and
+            # turn.cancel (called once the core has recorded why: core.stop).
+            with anyio.CancelScope(deadline=deadline) as scope:
+                turn.cancel = scope.cancel
+                try:
+                    result = await self._start(session, turn, span)
+                    if hasattr(result, "__anext__"):
+                        if inline:  # the stream outlives the request: a task of its own
+                            turn.cancel = None
+                            host.spawn(
+                                self._run_stream, session, turn, result, deadline, timeout, span
+                            )
+                            return
+                        await self._stream(session, turn, result)
+                        result = None
+                except SandboxCrashedError as exc:
+                    error, outcome = exc, TurnOutcome.CRASHED
+                except PPIOAgentRuntimeError as exc:
+                    error, outcome = exc, TurnOutcome.ERROR
+                except BaseException as exc:  # sys.exit() in an in-process agent: its turn only
+                    if is_cancellation(exc):
+                        raise
+                    error, outcome = InvocationError(describe_failure(exc)), TurnOutcome.ERROR
+            await self._finish(session, turn, scope, timeout, outcome, result, error, span)
+        except BaseException as exc:
+            if span is not None:
+                span.end("cancelled" if is_cancellation(exc) else "error", exc)
+            raise
 
     async def _run_stream(
-        self, session: Session, turn: Turn, stream: Any, deadline: float, timeout: float
+        self,
+        session: Session,
+        turn: Turn,
+        stream: Any,
+        deadline: float,
+        timeout: float,
+        span: TurnSpan | None,
     ) -> None:
         """The rest of an inline turn whose reply is a stream."""
         error: PPIOAgentRuntimeError | None = None
         outcome = TurnOutcome.OK
-        with anyio.CancelScope(deadline=deadline) as scope:
-            turn.cancel = scope.cancel
-            try:
-                await self._stream(session, turn, stream)
-            except SandboxCrashedError as exc:
-                error, outcome = exc, TurnOutcome.CRASHED
-            except PPIOAgentRuntimeError as exc:
-                error, outcome = exc, TurnOutcome.ERROR
-            except BaseException as exc:
-                if is_cancellation(exc):
-                    raise
-                error, outcome = InvocationError(describe_failure(exc)), TurnOutcome.ERROR
-        await self._finish(session, turn, scope, timeout, outcome, None, error)
+        try:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                turn.cancel = scope.cancel
+                try:
+                    await self._stream(session, turn, stream)
+                except SandboxCrashedError as exc:
+                    error, outcome = exc, TurnOutcome.CRASHED
+                except PPIOAgentRuntimeError as exc:
+                    error, outcome = exc, TurnOutcome.ERROR
+                except BaseException as exc:
+                    if is_cancellation(exc):
+                        raise
+                    error, outcome = InvocationError(describe_failure(exc)), TurnOutcome.ERROR
+            await self._finish(session, turn, scope, timeout, outcome, None, error, span)
+        except BaseException as exc:
+            if span is not None:
+                span.end("cancelled" if is_cancellation(exc) else "error", exc)
+            raise
         core = session.core
         if not core.ended and core.queued and not core.paused:
             self.host.activate(session)
@@ -281,15 +332,16 @@ class TurnRunner:
         self,
         session: Session,
         turn: Turn,
-        scope: anyio.CancelScope,
+        scope: anyio.CancelScope | None,
         timeout: float,
         outcome: TurnOutcome,
         result: Any,
         error: PPIOAgentRuntimeError | None,
+        span: TurnSpan | None = None,
     ) -> None:
         host = self.host
         turn.cancel = None
-        if scope.cancelled_caught:
+        if scope is not None and scope.cancelled_caught:
             if turn.stop_error is None:
                 error = InvocationTimeoutError(
                     f"turn exceeded the template's timeout ({timeout:g} s)"
@@ -312,12 +364,17 @@ class TurnRunner:
             result = None
         session.core.finish(turn, outcome, host.clock(), result=result, error=error)
         host.turn_finished(session, turn, outcome)
+        if host.metrics is not None:
+            seconds = (turn.finished_at or 0.0) - (turn.started_at or 0.0)
+            host.metrics.record_template_turn(session.template_id, seconds)
+        if span is not None:
+            span.end(outcome.value, error)
         notify(turn)
         if outcome is TurnOutcome.CRASHED:
             with anyio.CancelScope(shield=True):
                 await host.replace_sandbox(session, restart)
 
-    async def _start(self, session: Session, turn: Turn) -> Any:
+    async def _start(self, session: Session, turn: Turn, span: TurnSpan | None = None) -> Any:
         """Hand the turn to the sandbox: its result, or an async iterator of chunks."""
         sandbox = session.sandbox
         if sandbox is None or not sandbox.alive:
@@ -330,7 +387,14 @@ class TurnRunner:
             request_id=turn.request_id,
             state=session.state,
         )
-        return await sandbox.invoke(call)
+        if span is None:
+            return await sandbox.invoke(call)
+        call.traceparent = span.traceparent
+        token = span.activate()  # an in-process agent's own spans are the turn's children
+        try:
+            return await sandbox.invoke(call)
+        finally:
+            span.deactivate(token)
 
     async def _stream(self, session: Session, turn: Turn, result: Any) -> None:
         """Take a streamed reply's chunks as its readers take them."""
