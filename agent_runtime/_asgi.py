@@ -56,6 +56,7 @@ _WANTED = {
     b"x-amzn-bedrock-agentcore-runtime-session-id": "sid2",
     b"x-ppio-request-id": "rid",
     b"origin": "origin",
+    b"traceparent": "tp",
 }
 
 
@@ -142,6 +143,7 @@ class RuntimeASGI:
             metadata=metadata if isinstance(metadata, dict) else {},
             state_store=self.app.states,
             raw_headers=scope["headers"],
+            traceparent=tp.decode("latin-1") if (tp := h.get("tp")) else None,
         )
         debug_log = logger.isEnabledFor(logging.DEBUG)
         if debug_log:

@@ -68,7 +68,11 @@ class RequestContext:
     ``X-PPIO-Request-Id`` or generated; ``timestamp`` is when the request
     arrived (timezone-aware, UTC); ``headers`` are lower-cased;
     ``metadata`` is the body's ``metadata`` object; ``state`` is a dict that
-    lives as long as the session (created on first use).
+    lives as long as the session (created on first use). ``traceparent`` is
+    the W3C trace context of the invocation (the ``traceparent`` header; under
+    the orchestrator, its turn's span), None when it was not traced: an agent
+    that traces continues the trace with it, e.g.
+    ``opentelemetry.propagate.extract({"traceparent": context.traceparent})``.
     """
 
     __slots__ = (
@@ -81,6 +85,7 @@ class RequestContext:
         "metadata",
         "request_id",
         "session_id",
+        "traceparent",
     )
 
     def __init__(
@@ -95,9 +100,11 @@ class RequestContext:
         state: dict[str, Any] | None = None,
         state_store: SessionStateStore | None = None,
         raw_headers: Iterable[tuple[bytes, bytes]] | None = None,
+        traceparent: str | None = None,
     ) -> None:
         self.session_id = session_id
         self.request_id = request_id
+        self.traceparent = traceparent
         # The datetime is built on first use: most agents never read it.
         self._timestamp = timestamp
         self.arrived_at = timestamp.timestamp() if timestamp else (arrived_at or time.time())
@@ -113,6 +120,18 @@ class RequestContext:
         if self._timestamp is None:
             self._timestamp = datetime.fromtimestamp(self.arrived_at, UTC)
         return self._timestamp
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace id (32 hex digits) from ``traceparent``; None without a valid one."""
+        parts = (self.traceparent or "").split("-")
+        if len(parts) < 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+            return None
+        try:
+            int(parts[1], 16)
+        except ValueError:
+            return None
+        return parts[1].lower()
 
     @property
     def headers(self) -> dict[str, str]:

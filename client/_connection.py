@@ -20,13 +20,19 @@
   forgotten and the same request (same bytes, same ``Idempotency-Key``) goes
   at once to the configured base URL, which routes it to the current owner;
   that fallback is part of the same attempt (same deadline, no retry spent),
-  and the rest of the call stays on the base URL.
+  and the rest of the call stays on the base URL;
+- carries the caller's OpenTelemetry trace context (``traceparent``, and
+  whatever else the global propagator writes) when the application uses
+  OpenTelemetry: the orchestrator's spans and the agent's
+  ``RequestContext.traceparent`` continue the caller's trace. Without it,
+  nothing is imported and a call pays one dict lookup.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
@@ -60,6 +66,13 @@ logger = logging.getLogger("ppio_sandbox.client")
 _USER_AGENT = "ppio-sandbox-client/0.1"
 _MISDIRECTED = 421  # the owner asked no longer owns the session
 _OWNER_FALLBACK = frozenset({_MISDIRECTED, 503})
+
+
+def _inject_trace_context(headers: dict[str, str]) -> None:
+    """Add the current OpenTelemetry context's headers (``traceparent``...) to ``headers``."""
+    from opentelemetry.propagate import inject
+
+    inject(headers)
 
 
 def is_event_stream(response: httpx.Response) -> bool:
@@ -178,6 +191,9 @@ class ApiConnection:
         all_headers.update(headers or {})
         if content_type is not None:
             all_headers["Content-Type"] = content_type
+        # No span can be current before the application imported OpenTelemetry.
+        if "opentelemetry.context" in sys.modules:
+            _inject_trace_context(all_headers)
         about: tuple[OwnerRoutes, str] | None = None  # the session it is about, if any
         if self.owners is not None and (sid := session_of(path, all_headers)) is not None:
             about = (self.owners, sid)

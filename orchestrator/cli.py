@@ -81,6 +81,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
     p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text: 'time level logger: message key=value...'; json: one JSON object a line "
+        "(time, level, logger, message and the line's fields). Default text",
+    )
+    p.add_argument(
         "--header-timeout",
         type=float,
         default=10.0,
@@ -220,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trust_uploads=args.trust_uploads,
         grace=args.grace,
         log_level=args.log_level,
+        log_format=args.log_format,
         header_timeout=args.header_timeout or None,
         body_timeout=args.body_timeout or None,
         durability=args.durability,

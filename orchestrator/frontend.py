@@ -6,6 +6,10 @@ files hold no data, which the page fetches from ``/v1`` with the user's
 key), reads and bounds every ``/v1`` body, authenticates it (Bearer or HMAC, which needs the body),
 sends invocations to the lean hot path and everything else to the Quart API
 (with the body replayed and the tenant in the scope).
+
+Every ``/v1`` request is logged once it is answered, at INFO on
+``ppio_sandbox.orchestrator.access`` (method, path, status, session and request
+ids, duration), and traced when OpenTelemetry is installed (:mod:`._tracing`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 
+from ppio_sandbox.agent_runtime._handlers import is_cancellation
 from ppio_sandbox.agent_runtime.errors import (
     MethodNotAllowedError,
     NotFoundError,
@@ -26,16 +32,19 @@ from ppio_sandbox.agent_runtime.errors import (
     ValidationError,
 )
 
+from . import _tracing
 from ._hypercorn import BODY_TIMEOUT_KEY
 from .auth import Authenticator, Principal
 from .host import Orchestrator
 from .hotpath import InvocationHandler
+from .metrics import CONTENT_TYPE
 from .routing import Router
 from .wire import encode_reply
 
 __all__ = ["FrontDoor"]
 
 logger = logging.getLogger("ppio_sandbox.orchestrator")
+access_logger = logging.getLogger("ppio_sandbox.orchestrator.access")
 
 _OPEN_PATHS = ("/ping", "/healthz")
 
@@ -117,6 +126,7 @@ class FrontDoor:
         max_request_size: int = 8 * 1024 * 1024,
         max_upload_size: int = 64 * 1024 * 1024,
         router: Router | None = None,
+        tracing: bool | None = None,
     ) -> None:
         self.host = host
         self.router = router
@@ -126,6 +136,8 @@ class FrontDoor:
         self.max_request_size = max_request_size
         self.max_upload_size = max_upload_size
         self.invocations = InvocationHandler(host, self.send_error)
+        # A span per request when OpenTelemetry is installed (None: it decides).
+        self.tracing = _tracing.ENABLED and tracing is not False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -135,7 +147,10 @@ class FrontDoor:
         if self.metrics is not None:
             send = self._counting(send, _route_label(path))
         if path.startswith("/v1/"):
-            await self._v1(scope, receive, send, path)
+            if self.tracing or access_logger.isEnabledFor(logging.INFO):
+                await self._observed(scope, receive, send, path)
+            else:
+                await self._v1(scope, receive, send, path)
         elif path in _OPEN_PATHS:
             await self._health(scope, send)
         elif path == "/metrics":
@@ -191,6 +206,60 @@ class FrontDoor:
             await send(message)
 
         return counted
+
+    async def _observed(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
+        """:meth:`_v1` in the request's span (traced), then its access log line."""
+        started = time.perf_counter()
+        status = 0
+        session_id = request_id = None
+
+        async def watched(message: dict[str, Any]) -> None:
+            nonlocal status, session_id, request_id
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                for name, value in message["headers"]:
+                    if name == b"x-ppio-session-id":
+                        session_id = value.decode("latin-1")
+                    elif name == b"x-ppio-request-id":
+                        request_id = value.decode("latin-1")
+            await send(message)
+
+        span = token = None
+        if self.tracing:
+            span, token = _tracing.start_request(scope)
+        try:
+            await self._v1(scope, receive, watched, path)
+        except BaseException as exc:
+            if not status:  # 499: the client left first (nginx's code); 500: the server's
+                status = 499 if is_cancellation(exc) else 500
+            raise
+        finally:
+            if request_id is None:
+                request_id = next(
+                    (v.decode("latin-1") for n, v in scope["headers"] if n == b"x-ppio-request-id"),
+                    None,
+                )
+            if session_id is None and path.startswith("/v1/sessions/"):
+                session_id = path.split("/", 4)[3] or None
+            if span is not None and token is not None:
+                _tracing.end_request(span, token, status, session_id, request_id)
+            if access_logger.isEnabledFor(logging.INFO):
+                millis = round((time.perf_counter() - started) * 1000, 3)
+                access_logger.info(
+                    "%s %s %d %.1fms",
+                    scope["method"],
+                    path,
+                    status,
+                    millis,
+                    extra={
+                        "method": scope["method"],
+                        "path": path,
+                        "status": status,
+                        "session_id": session_id,
+                        "request_id": request_id,
+                        "duration_ms": millis,
+                    },
+                )
 
     async def _v1(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
         method = scope["method"]
@@ -327,7 +396,7 @@ class FrontDoor:
                 "type": "http.response.start",
                 "status": 200,
                 "headers": [
-                    (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+                    (b"content-type", CONTENT_TYPE.encode()),
                     (b"content-length", b"%d" % len(body)),
                 ],
             }

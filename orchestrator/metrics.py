@@ -1,46 +1,81 @@
-"""A small Prometheus registry rendering the text exposition format 0.0.4.
+"""The orchestrator's Prometheus metrics, kept with ``prometheus_client``.
 
-Three metric kinds, each optionally labelled:
+Each orchestrator has a :class:`~prometheus_client.CollectorRegistry` of its
+own (never the library's global ``REGISTRY``: one process may run several
+orchestrators, as the tests do), rendered in the text exposition format 0.0.4
+for ``GET /metrics``. The families, by name:
 
-- :class:`Counter` -- only goes up (``inc``);
-- :class:`Gauge` -- ``set``/``inc``/``dec``, or a callback evaluated at scrape
-  time (``set_function``);
-- :class:`Histogram` -- fixed buckets (default: latency, 1 ms .. 60 s).
+- ``ppio_sessions{state}`` -- sessions by state, read from the directory at scrape time;
+- ``ppio_mailbox_depth`` -- the queue depth: turns waiting in all session mailboxes;
+- ``ppio_turns_total{outcome}``, ``ppio_turn_duration_seconds`` -- turns and their latency;
+- ``ppio_template_turn_duration_seconds{template}`` -- the same latency per template, with
+  at most :attr:`OrchestratorMetrics.MAX_TEMPLATES` templates labelled (the rest share
+  ``template="_other"``, which no template id can be): tenants upload templates, and a
+  label per upload would grow without bound;
+- ``ppio_sandbox_starts_total{kind}``, ``ppio_sandbox_crashes_total{kind}``;
+- ``ppio_http_requests_total{route,status}`` (``route`` is a fixed set of names, never an id);
+- ``ppio_checkpoints_total``, ``ppio_checkpoint_bytes_total``,
+  ``ppio_checkpoint_failures_total{reason}``, ``ppio_session_restores_total``;
+- ``ppio_forwarded_total{outcome}`` -- requests sent on to the node owning their session.
 
-The hot path is one dict lookup and one add: resolve a labelled child once
-with ``labels(...)`` (or keep it) and call ``inc``/``observe`` on it. Nothing
-is locked: the orchestrator updates metrics from one event loop thread.
+The ``*_created`` series ``prometheus_client`` adds to counters and histograms
+are left out: they are timestamps, which the summing below would make nonsense
+of, and Prometheus does not need them for ``rate()``.
 
->>> registry = Registry()
->>> turns = registry.register(Counter("turns_total", "Turns by outcome.", ["outcome"]))
->>> ok = turns.labels("ok")
->>> ok.inc()
->>> print(registry.render().decode(), end="")
-# HELP turns_total Turns by outcome.
-# TYPE turns_total counter
-turns_total{outcome="ok"} 1.0
+Several workers on one machine (``serve --workers N``): the worker a scrape
+reaches asks the others for their own exposition (``/metrics?local=1``) and
+sums them with :func:`merge_expositions`, which parses each with
+``prometheus_client``'s parser. Every family here adds up across processes
+(counters, histogram buckets, sums and counts, and the gauges: sessions and
+queued turns held by each worker). ``prometheus_client``'s multiprocess mode
+was the other way, and is not used:
+
+- it is process-global (an environment variable read at import, every
+  value an mmap'd file): it cannot give each orchestrator of a process a
+  registry of its own;
+- its gauges cannot be computed at scrape time (``set_function`` is not
+  supported), and ``ppio_sessions`` / ``ppio_mailbox_depth`` are read from
+  live state when scraped; they would have to be written on every change;
+- a restarted worker has a new pid: its predecessor's files stay, so its
+  gauges must be removed by hand (``mark_process_dead``) from the
+  supervisor, and its counters are kept forever in a directory that has to
+  be wiped at every start. Summing the live workers instead makes a
+  restarted worker's counters start again from 0, which Prometheus already
+  reads as a counter reset (``rate()`` and ``increase()`` handle it).
+
+A worker that does not answer within 5 s is left out of that scrape (logged).
+
+The hot path resolves a labelled child once (``labels(...)`` is a dict hit
+after the first call; keep the child for speed) and increments it under
+``prometheus_client``'s lock.
+
+>>> metrics = OrchestratorMetrics()
+>>> metrics.record_turn("ok", 0.02)
+>>> lines = metrics.render().decode().splitlines()
+>>> [line for line in lines if line.startswith("ppio_turns_total")][:2]
+['ppio_turns_total{outcome="ok"} 1.0', 'ppio_turns_total{outcome="error"} 0.0']
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
     "CONTENT_TYPE",
     "DEFAULT_LATENCY_BUCKETS",
+    "CallbackGauge",
     "Counter",
-    "CounterChild",
-    "Gauge",
-    "GaugeChild",
     "Histogram",
-    "HistogramChild",
     "OrchestratorMetrics",
-    "Registry",
+    "merge_expositions",
 ]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -50,179 +85,113 @@ DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
 
 logger = logging.getLogger(__name__)
 
-_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-
-LabelValue = str | int
 GaugeCallback = Callable[[], float | Mapping[Any, float]]
 """A scrape-time gauge value: a number, or ``{label value or tuple of them: number}``."""
 
 
-def _format_value(value: float) -> str:
-    if isinstance(value, int):  # bucket and observation counts
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+class Counter(prometheus_client.Counter):
+    """``prometheus_client.Counter``, registered nowhere unless told, with a cheaper
+    ``labels`` (a dict hit on the values as given, e.g. an int status) and ``value``."""
 
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        *,
+        registry: CollectorRegistry | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name, documentation, labelnames, registry=registry, **kwargs)
+        self._by_values: dict[tuple[object, ...], Counter] = {}
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _label_block(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    pairs = [f'{n}="{_escape_label(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        pairs.append(extra)
-    return "{" + ",".join(pairs) + "}" if pairs else ""
-
-
-class CounterChild:
-    """One labelled series of a counter."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        """Add ``amount`` (not negative)."""
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        self.value += amount
-
-
-class GaugeChild:
-    """One labelled series of a gauge."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def set(self, value: float) -> None:
-        """Set the value."""
-        self.value = float(value)
-
-    def inc(self, amount: float = 1.0) -> None:
-        """Add ``amount``."""
-        self.value += amount
-
-    def dec(self, amount: float = 1.0) -> None:
-        """Subtract ``amount``."""
-        self.value -= amount
-
-
-class HistogramChild:
-    """One labelled series of a histogram: per-bucket counts, sum and count."""
-
-    __slots__ = ("_bounds", "count", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self._bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        """Record one observation (``le`` is inclusive: 1.0 falls in ``le="1.0"``)."""
-        self.counts[bisect.bisect_left(self._bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-
-
-C = TypeVar("C", CounterChild, GaugeChild, HistogramChild)
-M = TypeVar("M", "Counter", "Gauge", "Histogram")
-
-
-class _Metric(Generic[C]):
-    """Name, help, label names and the children by label values."""
-
-    kind: ClassVar[str]
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
-        if not _METRIC_NAME.fullmatch(name):
-            raise ValueError(f"invalid metric name {name!r}")
-        for label in labelnames:
-            if not _LABEL_NAME.fullmatch(label) or label.startswith("__"):
-                raise ValueError(f"invalid label name {label!r}")
-        if len(set(labelnames)) != len(labelnames):
-            raise ValueError(f"repeated label name in {list(labelnames)}")
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], C] = {}
-        # Also keyed by the values as given (e.g. an int status), so a hit skips str().
-        self._lookup: dict[tuple[LabelValue, ...], C] = {}
-        self._default: C | None = None
-        if not labelnames:
-            self._default = self._children[()] = self._lookup[()] = self._new_child()
-
-    def _new_child(self) -> C:
-        raise NotImplementedError
-
-    def labels(self, *values: LabelValue) -> C:
-        """The child for these label values (in ``labelnames`` order); keep it for speed."""
-        child = self._lookup.get(values)
+    def labels(self, *values: object, **kwargs: object) -> Counter:
+        child = self._by_values.get(values) if not kwargs else None
         if child is None:
-            child = self._resolve(values)
+            child = super().labels(*values, **kwargs)
+            if not kwargs:
+                self._by_values[values] = child
         return child
 
-    def _resolve(self, values: tuple[LabelValue, ...]) -> C:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values!r}")
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
+    @property
+    def value(self) -> float:
+        """The count of this (unlabelled or child) series."""
+        for family in self.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    return float(sample.value)
+        return 0.0
+
+
+class Histogram(prometheus_client.Histogram):
+    """``prometheus_client.Histogram``, registered nowhere unless told, with the read
+    view the API's node figures use: ``buckets``, ``counts``, ``sum``, ``count``."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        *,
+        registry: CollectorRegistry | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("buckets", DEFAULT_LATENCY_BUCKETS)
+        super().__init__(name, documentation, labelnames, registry=registry, **kwargs)
+        self._by_values: dict[tuple[object, ...], Histogram] = {}
+
+    def labels(self, *values: object, **kwargs: object) -> Histogram:
+        """The child for these values; an unlabelled histogram with none is itself."""
+        if not values and not kwargs and not self._labelnames:
+            return self
+        child = self._by_values.get(values) if not kwargs else None
         if child is None:
-            child = self._children[key] = self._new_child()
-        self._lookup[values] = child
+            child = super().labels(*values, **kwargs)
+            if not kwargs:
+                self._by_values[values] = child
         return child
 
-    def _unlabelled(self) -> C:
-        if self._default is None:
-            raise ValueError(f"{self.name} has labels {self.labelnames}: use .labels(...)")
-        return self._default
+    @property
+    def buckets(self) -> tuple[float, ...]:
+        """The finite upper bounds (``counts`` has one more slot: +Inf)."""
+        return tuple(b for b in self._upper_bounds if not math.isinf(b))
 
-    def _series(self) -> Iterator[tuple[tuple[str, ...], C]]:
-        return iter(sorted(self._children.items(), key=lambda item: item[0]))
+    def _read(self) -> tuple[list[int], float]:
+        cumulative: list[float] = []
+        total = 0.0
+        for family in self.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    cumulative.append(sample.value)
+                elif sample.name.endswith("_sum"):
+                    total = sample.value
+        counts = [int(c - (cumulative[i - 1] if i else 0.0)) for i, c in enumerate(cumulative)]
+        return counts, total
 
-    def _samples(self) -> Iterator[str]:
-        raise NotImplementedError
+    @property
+    def counts(self) -> list[int]:
+        """Observations per bucket (not cumulative), the last one above every bound."""
+        return self._read()[0]
 
-    def render(self) -> str:
-        """This metric's HELP, TYPE and sample lines."""
-        head = f"# HELP {self.name} {_escape_help(self.documentation)}\n"
-        head += f"# TYPE {self.name} {self.kind}\n"
-        return head + "".join(f"{line}\n" for line in self._samples())
+    @property
+    def sum(self) -> float:
+        """The sum of all observations."""
+        return self._read()[1]
 
-
-class Counter(_Metric[CounterChild]):
-    """A monotonically increasing count. Name it ``..._total``."""
-
-    kind = "counter"
-
-    def _new_child(self) -> CounterChild:
-        return CounterChild()
-
-    def inc(self, amount: float = 1.0) -> None:
-        """Increment the unlabelled counter."""
-        self._unlabelled().inc(amount)
-
-    def _samples(self) -> Iterator[str]:
-        for values, child in self._series():
-            yield f"{self.name}{_label_block(self.labelnames, values)} {_format_value(child.value)}"
+    @property
+    def count(self) -> int:
+        """How many observations."""
+        return sum(self._read()[0])
 
 
-class Gauge(_Metric[GaugeChild]):
-    """A value that goes up and down, set directly or computed by a callback at scrape time."""
+class CallbackGauge:
+    """A gauge computed by a callback at scrape time (labelled or not).
 
-    kind = "gauge"
+    The callback returns a number, or for a labelled gauge ``{value: n}`` (one
+    label) or ``{(v1, v2): n}``. One that raises, or answers in the wrong
+    shape, drops its own samples (logged), not the whole scrape. Unbound
+    (no callback), an unlabelled gauge reads 0 and a labelled one has no series.
+    """
 
     def __init__(
         self,
@@ -231,178 +200,136 @@ class Gauge(_Metric[GaugeChild]):
         labelnames: Sequence[str] = (),
         *,
         callback: GaugeCallback | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
-        super().__init__(name, documentation, labelnames)
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
         self._callback = callback
-
-    def _new_child(self) -> GaugeChild:
-        return GaugeChild()
+        if registry is not None:
+            registry.register(self)
 
     def set_function(self, callback: GaugeCallback | None) -> None:
-        """Compute the value(s) at scrape time; for a labelled gauge the callback
-        returns ``{label_value: v}`` (one label) or ``{(v1, v2): v}``."""
+        """Compute the value(s) with ``callback`` from now on."""
         self._callback = callback
 
-    def set(self, value: float) -> None:
-        """Set the unlabelled gauge."""
-        self._unlabelled().set(value)
+    def describe(self) -> Iterable[Metric]:
+        """The family without samples (so registering never calls the callback)."""
+        return [GaugeMetricFamily(self.name, self.documentation)]
 
-    def inc(self, amount: float = 1.0) -> None:
-        """Add to the unlabelled gauge."""
-        self._unlabelled().inc(amount)
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        try:
+            for values, value in self._series():
+                family.add_metric(values, value)
+        except Exception:
+            logger.exception("metrics callback for %s failed", self.name)
+            family.samples.clear()
+        return [family]
 
-    def dec(self, amount: float = 1.0) -> None:
-        """Subtract from the unlabelled gauge."""
-        self._unlabelled().dec(amount)
-
-    def _callback_series(self, callback: GaugeCallback) -> list[tuple[tuple[str, ...], float]]:
+    def _series(self) -> Iterator[tuple[list[str], float]]:
+        callback = self._callback
+        if callback is None:
+            if not self.labelnames:
+                yield [], 0.0
+            return
         result = callback()
         if not isinstance(result, Mapping):
             if self.labelnames:
                 raise TypeError(f"{self.name}: a labelled gauge's callback must return a mapping")
-            return [((), float(result))]
-        series = []
-        for key, value in result.items():
-            values = (key,) if isinstance(key, str) else tuple(key)
+            yield [], float(result)
+            return
+        for key, value in sorted(result.items(), key=lambda item: str(item[0])):
+            values = [key] if isinstance(key, str) else list(key)
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values!r}")
-            series.append((tuple(str(v) for v in values), float(value)))
-        return sorted(series)
-
-    def _samples(self) -> Iterator[str]:
-        if self._callback is None:
-            series = [(values, child.value) for values, child in self._series()]
-        else:
-            try:
-                series = self._callback_series(self._callback)
-            except Exception:
-                # One broken callback must not take the whole scrape down.
-                logger.exception("metrics callback for %s failed", self.name)
-                series = []
-        for values, value in series:
-            yield f"{self.name}{_label_block(self.labelnames, values)} {_format_value(value)}"
+            yield [str(v) for v in values], float(value)
 
 
-class Histogram(_Metric[HistogramChild]):
-    """Observations counted in fixed cumulative buckets, with their sum and count."""
+class _WithoutCreated:
+    """A registry's families less the ``*_created`` series (see the module docstring)."""
 
-    kind = "histogram"
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        *,
-        buckets: Sequence[float] = DEFAULT_LATENCY_BUCKETS,
-    ) -> None:
-        bounds = tuple(sorted(float(b) for b in buckets if not math.isinf(b)))
-        if not bounds or len(set(bounds)) != len(bounds):
-            raise ValueError("histogram buckets must be distinct and not only +Inf")
-        if "le" in labelnames:
-            raise ValueError("'le' is reserved for histogram buckets")
-        self.buckets = bounds
-        super().__init__(name, documentation, labelnames)
-
-    def _new_child(self) -> HistogramChild:
-        return HistogramChild(self.buckets)
-
-    def observe(self, value: float) -> None:
-        """Observe into the unlabelled histogram."""
-        self._unlabelled().observe(value)
-
-    def _samples(self) -> Iterator[str]:
-        names = self.labelnames
-        bounds = [*(_format_value(b) for b in self.buckets), "+Inf"]
-        for values, child in self._series():
-            cumulative = 0
-            for bound, count in zip(bounds, child.counts, strict=True):
-                cumulative += count
-                labels = _label_block(names, values, f'le="{bound}"')
-                yield f"{self.name}_bucket{labels} {_format_value(cumulative)}"
-            labels = _label_block(names, values)
-            yield f"{self.name}_sum{labels} {_format_value(child.sum)}"
-            yield f"{self.name}_count{labels} {_format_value(child.count)}"
-
-
-class Registry:
-    """A set of metrics with unique names, rendered together."""
-
-    def __init__(self) -> None:
-        self._metrics: dict[str, Counter | Gauge | Histogram] = {}
-
-    def register(self, metric: M) -> M:
-        """Add a metric and return it; a repeated name is a ``ValueError``."""
-        if metric.name in self._metrics:
-            raise ValueError(f"metric {metric.name!r} is already registered")
-        self._metrics[metric.name] = metric
-        return metric
-
-    def render(self) -> bytes:
-        """Every metric in registration order, as served with :data:`CONTENT_TYPE`."""
-        return "".join(metric.render() for metric in self._metrics.values()).encode("utf-8")
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if family.type in ("counter", "histogram"):
+                family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 class OrchestratorMetrics:
-    """The orchestrator's metrics, in their own :class:`Registry`.
+    """The orchestrator's metrics, in a registry of their own.
 
     Gauges backed by live state take callbacks, bound with :meth:`bind` once
     the session directory exists. Known label values (turn outcomes, sandbox
-    kinds) are created up front so they render as 0 before the first event.
+    kinds, checkpoint failure reasons) are created up front, so they render as
+    0 before the first event.
     """
 
     TURN_OUTCOMES: ClassVar[tuple[str, ...]] = (
         "ok", "error", "timeout", "cancelled", "crashed", "rejected",
     )  # fmt: skip
     SANDBOX_KINDS: ClassVar[tuple[str, ...]] = ("inprocess", "process")
+    MAX_TEMPLATES: ClassVar[int] = 100
+    """Templates with a series of their own in ``ppio_template_turn_duration_seconds``."""
+    OTHER_TEMPLATE: ClassVar[str] = "_other"
 
-    def __init__(self, registry: Registry | None = None) -> None:
-        self.registry = reg = registry or Registry()
-        self.sessions = reg.register(Gauge("ppio_sessions", "Sessions by state.", ["state"]))
-        self.turns_total = reg.register(
-            Counter("ppio_turns_total", "Turns by outcome.", ["outcome"])
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = reg = registry if registry is not None else CollectorRegistry()
+        self._exposition = _WithoutCreated(reg)
+        self.sessions = CallbackGauge(
+            "ppio_sessions", "Sessions by state.", ["state"], registry=reg
         )
-        self.turn_duration_seconds = reg.register(
-            Histogram("ppio_turn_duration_seconds", "Turn duration in seconds.")
+        self.turns_total = Counter(
+            "ppio_turns_total", "Turns by outcome.", ["outcome"], registry=reg
         )
-        self.sandbox_starts_total = reg.register(
-            Counter("ppio_sandbox_starts_total", "Sandboxes started, by kind.", ["kind"])
+        self.turn_duration_seconds = Histogram(
+            "ppio_turn_duration_seconds", "Turn duration in seconds.", registry=reg
         )
-        self.sandbox_crashes_total = reg.register(
-            Counter("ppio_sandbox_crashes_total", "Sandboxes that died, by kind.", ["kind"])
+        self.template_turn_duration_seconds = Histogram(
+            "ppio_template_turn_duration_seconds",
+            f"Turn duration in seconds, by template (at most {self.MAX_TEMPLATES}; "
+            f'then "{self.OTHER_TEMPLATE}").',
+            ["template"],
+            registry=reg,
         )
-        self.mailbox_depth = reg.register(
-            Gauge("ppio_mailbox_depth", "Turns queued in all session mailboxes.")
+        self.sandbox_starts_total = Counter(
+            "ppio_sandbox_starts_total", "Sandboxes started, by kind.", ["kind"], registry=reg
         )
-        self.http_requests_total = reg.register(
-            Counter(
-                "ppio_http_requests_total",
-                "HTTP requests by route and status.",
-                ["route", "status"],
-            )
+        self.sandbox_crashes_total = Counter(
+            "ppio_sandbox_crashes_total", "Sandboxes that died, by kind.", ["kind"], registry=reg
         )
-        self.checkpoints_total = reg.register(
-            Counter("ppio_checkpoints_total", "Session checkpoints written.")
+        self.mailbox_depth = CallbackGauge(
+            "ppio_mailbox_depth", "Turns queued in all session mailboxes.", registry=reg
         )
-        self.checkpoint_bytes_total = reg.register(
-            Counter("ppio_checkpoint_bytes_total", "Bytes of session checkpoints written.")
+        self.http_requests_total = Counter(
+            "ppio_http_requests_total",
+            "HTTP requests by route and status.",
+            ["route", "status"],
+            registry=reg,
         )
-        self.checkpoint_failures_total = reg.register(
-            Counter(
-                "ppio_checkpoint_failures_total",
-                "Checkpoints not written: unserializable state, store errors, lost ownership.",
-                ["reason"],
-            )
+        self.checkpoints_total = Counter(
+            "ppio_checkpoints_total", "Session checkpoints written.", registry=reg
         )
-        self.sessions_restored_total = reg.register(
-            Counter("ppio_session_restores_total", "Sessions brought back from a checkpoint.")
+        self.checkpoint_bytes_total = Counter(
+            "ppio_checkpoint_bytes_total", "Bytes of session checkpoints written.", registry=reg
         )
-        self.forwarded_total = reg.register(
-            Counter(
-                "ppio_forwarded_total",
-                "Requests forwarded to the node owning their session, by outcome.",
-                ["outcome"],
-            )
+        self.checkpoint_failures_total = Counter(
+            "ppio_checkpoint_failures_total",
+            "Checkpoints not written: unserializable state, store errors, lost ownership.",
+            ["reason"],
+            registry=reg,
+        )
+        self.sessions_restored_total = Counter(
+            "ppio_session_restores_total", "Sessions brought back from a checkpoint.", registry=reg
+        )
+        self.forwarded_total = Counter(
+            "ppio_forwarded_total",
+            "Requests forwarded to the node owning their session, by outcome.",
+            ["outcome"],
+            registry=reg,
         )
         for reason in ("unserializable", "store", "fenced"):
             self.checkpoint_failures_total.labels(reason)
@@ -411,6 +338,7 @@ class OrchestratorMetrics:
         for kind in self.SANDBOX_KINDS:
             self.sandbox_starts_total.labels(kind)
             self.sandbox_crashes_total.labels(kind)
+        self._templates: dict[str, Histogram] = {}
 
     def bind(
         self,
@@ -430,46 +358,57 @@ class OrchestratorMetrics:
         if seconds is not None:
             self.turn_duration_seconds.observe(seconds)
 
+    def record_template_turn(self, template: str, seconds: float) -> None:
+        """Observe a finished turn's duration under its template's label."""
+        child = self._templates.get(template)
+        if child is None:
+            label = template if len(self._templates) < self.MAX_TEMPLATES else self.OTHER_TEMPLATE
+            child = self.template_turn_duration_seconds.labels(label)
+            if label == template:
+                self._templates[template] = child
+        child.observe(seconds)
+
     def render(self) -> bytes:
-        """The exposition text for ``GET /metrics``."""
-        return self.registry.render()
+        """The exposition text for ``GET /metrics`` (served with :data:`CONTENT_TYPE`)."""
+        return generate_latest(self._exposition)
+
+
+class _Families:
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
 
 
 def merge_expositions(texts: Sequence[bytes]) -> bytes:
     """One exposition of several processes' (the workers of a machine): samples summed.
 
-    Every family here adds up across processes -- counters, histogram buckets,
-    sums and counts, and the gauges (sessions, queued turns) -- so the
-    machine's figure is the sum of its workers'. HELP and TYPE lines are kept
-    once, in the first text's order.
+    Each text is parsed with ``prometheus_client``'s parser; samples with the
+    same name and labels add up, families keep the first text's order, help
+    and type. A text that cannot be parsed is left out (logged), not the scrape.
     """
-    order: list[str] = []
-    meta: dict[str, list[str]] = {}
-    samples: dict[str, dict[str, float]] = {}
+    families: dict[str, Metric] = {}
+    sums: dict[str, dict[tuple[str, frozenset[tuple[str, str]]], list[Any]]] = {}
     for text in texts:
-        family = ""
-        for line in text.decode().splitlines():
-            if not line:
-                continue
-            if line.startswith("#"):
-                parts = line.split(" ", 3)
-                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                    family = parts[2]
-                    if family not in meta:
-                        meta[family] = []
-                        order.append(family)
-                        samples[family] = {}
-                    if all(not known.startswith(f"# {parts[1]} ") for known in meta[family]):
-                        meta[family].append(line)
-                continue
-            series, _, value = line.rpartition(" ")
-            bucket = samples.setdefault(family, {})
-            if family not in meta:
-                meta[family] = []
-                order.append(family)
-            bucket[series] = bucket.get(series, 0.0) + float(value)
-    out: list[str] = []
-    for family in order:
-        out.extend(meta[family])
-        out.extend(f"{series} {_format_value(value)}" for series, value in samples[family].items())
-    return ("\n".join(out) + "\n").encode()
+        try:
+            parsed = list(text_string_to_metric_families(text.decode("utf-8")))
+        except (ValueError, UnicodeDecodeError) as exc:
+            logger.warning("metrics: an exposition could not be parsed (%s); left out", exc)
+            continue
+        for family in parsed:
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                sums[family.name] = {}
+            series = sums[family.name]
+            for sample in family.samples:
+                key = (sample.name, frozenset(sample.labels.items()))
+                known = series.get(key)
+                if known is None:
+                    series[key] = [sample.name, sample.labels, sample.value]
+                else:
+                    known[2] += sample.value
+    for name, family in families.items():
+        for sample_name, labels, value in sums[name].values():
+            family.add_sample(sample_name, labels, value)
+    return generate_latest(_Families(families.values()))

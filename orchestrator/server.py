@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import secrets
 import signal
 import socket
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,8 @@ class ServeOptions:
     process sandboxes whatever their spec asks (see :mod:`._policy`)."""
     grace: float = 30.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    """``text`` (``time level logger: message key=value...``) or ``json`` (one object a line)."""
     environ: dict[str, str] | None = None
     limits: SessionLimits | None = None
     stream_resume_grace: float = 10.0
@@ -407,14 +411,54 @@ async def _on_signals(
             tg.start_soon(drain_then_stop)
 
 
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ``time``, ``level``, ``logger``, ``message``, the record's
+    extra fields (an access line's ``method``, ``path``, ``status``, ``session_id``,
+    ``request_id``, ``duration_ms``), ``worker`` under ``--workers``, ``exc_info``."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+        self._encode = json.JSONEncoder(default=str).encode  # built once: C-accelerated
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self.worker is not None:
+            line["worker"] = self.worker
+        for key, value in record.__dict__.items():  # the extra fields, in their order
+            if key not in _RECORD_FIELDS and value is not None and key[0] != "_":
+                line[key] = value
+        if record.exc_info:
+            line["exc_info"] = self.formatException(record.exc_info)
+        return self._encode(line)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+
+
 def _setup_logging(options: ServeOptions) -> None:
+    if options.log_format not in ("text", "json"):
+        raise ValueError(f"log_format must be 'text' or 'json', not {options.log_format!r}")
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-        if options.worker_index is not None:
-            fmt = f"%(asctime)s %(levelname)s w{options.worker_index} %(name)s: %(message)s"
-        handler.setFormatter(KeyValueFormatter(fmt))
+        formatter: logging.Formatter
+        if options.log_format == "json":
+            formatter = JsonFormatter(options.worker_index)
+        else:
+            fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+            if options.worker_index is not None:
+                fmt = f"%(asctime)s %(levelname)s w{options.worker_index} %(name)s: %(message)s"
+            formatter = KeyValueFormatter(fmt)
+        handler.setFormatter(formatter)
         root.addHandler(handler)
     logging.getLogger("ppio_sandbox").setLevel(options.log_level.upper())
 

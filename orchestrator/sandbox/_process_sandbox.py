@@ -542,6 +542,8 @@ class ProcessSandbox(Sandbox):
         headers[HEADER_REQUEST_ID] = call.request_id
         headers["content-type"] = CONTENT_JSON
         headers["accept"] = _ACCEPT
+        if call.traceparent is not None:  # the turn's span: the agent's RequestContext.traceparent
+            headers["traceparent"] = call.traceparent
         try:
             # Cancelled or failed anywhere, the client closes the connection.
             response = await client.send(

@@ -29,9 +29,14 @@ __all__ = ["Sandbox", "SandboxProvider", "TurnCall"]
 
 
 class TurnCall:
-    """One invocation handed to a sandbox."""
+    """One invocation handed to a sandbox.
 
-    __slots__ = ("headers", "payload", "request_id", "session_id", "state")
+    ``traceparent`` is the W3C trace context of the turn's span (``None`` when
+    not traced): an in-process agent reads it as ``context.traceparent``, a
+    process sandbox sends it as the ``traceparent`` header.
+    """
+
+    __slots__ = ("headers", "payload", "request_id", "session_id", "state", "traceparent")
 
     def __init__(
         self,
@@ -41,12 +46,14 @@ class TurnCall:
         request_id: str,
         state: dict[str, Any],
         headers: dict[str, str] | None = None,
+        traceparent: str | None = None,
     ) -> None:
         self.payload = payload
         self.session_id = session_id
         self.request_id = request_id
         self.state = state  # context.state for in-process agents
         self.headers = headers or {}
+        self.traceparent = traceparent
 
 
 class Sandbox(abc.ABC):

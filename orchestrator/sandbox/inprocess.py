@@ -55,6 +55,7 @@ class InProcessSandbox(Sandbox):
             headers=call.headers,
             metadata=metadata if isinstance(metadata, dict) else {},
             state=call.state,
+            traceparent=call.traceparent,
         )
         try:
             return await self.app.invoke(call.payload, context)
