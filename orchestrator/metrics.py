@@ -22,28 +22,31 @@ The ``*_created`` series ``prometheus_client`` adds to counters and histograms
 are left out: they are timestamps, which the summing below would make nonsense
 of, and Prometheus does not need them for ``rate()``.
 
-Several workers on one machine (``serve --workers N``): the worker a scrape
-reaches asks the others for their own exposition (``/metrics?local=1``) and
-sums them with :func:`merge_expositions`, which parses each with
-``prometheus_client``'s parser. Every family here adds up across processes
-(counters, histogram buckets, sums and counts, and the gauges: sessions and
-queued turns held by each worker). ``prometheus_client``'s multiprocess mode
-was the other way, and is not used:
+Several workers on one machine (``serve --workers N``) answer one scrape
+with the machine's figures, each family summed over the workers, in two ways:
 
-- it is process-global (an environment variable read at import, every
-  value an mmap'd file): it cannot give each orchestrator of a process a
-  registry of its own;
-- its gauges cannot be computed at scrape time (``set_function`` is not
-  supported), and ``ppio_sessions`` / ``ppio_mailbox_depth`` are read from
-  live state when scraped; they would have to be written on every change;
-- a restarted worker has a new pid: its predecessor's files stay, so its
-  gauges must be removed by hand (``mark_process_dead``) from the
-  supervisor, and its counters are kept forever in a directory that has to
-  be wiped at every start. Summing the live workers instead makes a
-  restarted worker's counters start again from 0, which Prometheus already
-  reads as a counter reset (``rate()`` and ``increase()`` handle it).
+- counters and histograms use ``prometheus_client``'s multiprocess mode: the
+  supervisor points ``PROMETHEUS_MULTIPROC_DIR`` at ``<data dir>/metrics``
+  (emptied at every start) before it starts the workers, so every increment
+  is written to a worker's mmap'd file, and a scrape adds up every file
+  (:class:`~prometheus_client.multiprocess.MultiProcessCollector`). The
+  files of a worker that died stay: after a restart the machine's counters
+  go on from where they were. Summing the live workers' own counts instead
+  would make them drop by the dead worker's share, which Prometheus reads as
+  a reset of the whole sum (``rate()`` would spike by everything the other
+  workers ever counted);
+- the gauges (sessions by state, queued turns) are computed from live state
+  when scraped, which the multiprocess mode cannot do (no ``set_function``),
+  and a dead worker's sessions are gone: the worker a scrape reaches asks
+  the others for their own exposition (``/metrics?local=1``) and
+  :func:`merge_expositions` adds up their gauges (parsed with
+  ``prometheus_client``'s parser). A worker that does not answer within 5 s
+  is left out of that scrape (logged).
 
-A worker that does not answer within 5 s is left out of that scrape (logged).
+The multiprocess mode is process-wide (read when ``prometheus_client`` is
+imported), so it is only used by ``serve --workers``, whose workers hold one
+orchestrator each; otherwise every value is in memory and each orchestrator's
+registry stands alone (the tests run several in one process).
 
 The hot path resolves a labelled child once (``labels(...)`` is a dict hit
 after the first call; keep the child for speed) and increments it under
@@ -60,12 +63,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
@@ -79,6 +84,8 @@ __all__ = [
 ]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Where ``serve --workers`` has its workers keep their counters (see the module docstring)."""
 DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -381,13 +388,22 @@ class _Families:
         return self.families
 
 
-def merge_expositions(texts: Sequence[bytes]) -> bytes:
+def merge_expositions(texts: Sequence[bytes], files: str | None = None) -> bytes:
     """One exposition of several processes' (the workers of a machine): samples summed.
 
     Each text is parsed with ``prometheus_client``'s parser; samples with the
     same name and labels add up, families keep the first text's order, help
     and type. A text that cannot be parsed is left out (logged), not the scrape.
+    With ``files`` (the multiprocess directory; by default ``$PROMETHEUS_MULTIPROC_DIR``)
+    the counters and histograms are those of every file there, and only the
+    gauges come from the texts.
     """
+    if files is None:
+        files = os.environ.get(MULTIPROCESS_ENV) or None
+    from_files: dict[str, Metric] = {}
+    if files is not None:
+        collector = MultiProcessCollector(None, files)  # type: ignore[no-untyped-call]
+        from_files = {f.name: f for f in collector.collect()}  # type: ignore[no-untyped-call]
     families: dict[str, Metric] = {}
     sums: dict[str, dict[tuple[str, frozenset[tuple[str, str]]], list[Any]]] = {}
     for text in texts:
@@ -397,6 +413,11 @@ def merge_expositions(texts: Sequence[bytes]) -> bytes:
             logger.warning("metrics: an exposition could not be parsed (%s); left out", exc)
             continue
         for family in parsed:
+            if files is not None and family.type != "gauge":
+                if family.name not in families:  # the files' figures: the machine's
+                    families[family.name] = from_files.pop(family.name, family)
+                    sums[family.name] = {}
+                continue
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type)
                 sums[family.name] = {}
@@ -411,4 +432,5 @@ def merge_expositions(texts: Sequence[bytes]) -> bytes:
     for name, family in families.items():
         for sample_name, labels, value in sums[name].values():
             family.add_sample(sample_name, labels, value)
+    families.update(from_files)  # a family no worker rendered (there is none today)
     return generate_latest(_Families(families.values()))

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 from dataclasses import dataclass, field, replace
@@ -465,9 +466,15 @@ def _setup_logging(options: ServeOptions) -> None:
 
 def serve_workers(options: ServeOptions, argv: list[str]) -> int:
     """``serve --workers N``: the supervising parent (:mod:`.supervisor`); the exit code."""
+    from .metrics import MULTIPROCESS_ENV
     from .supervisor import Supervisor
 
     _setup_logging(options)
+    # The workers' counters, kept in files that outlive a worker (see .metrics).
+    counters = options.data_dir / "metrics"
+    shutil.rmtree(counters, ignore_errors=True)
+    counters.mkdir(parents=True)
+    os.environ[MULTIPROCESS_ENV] = str(counters.resolve())
     keyring = KeyRing.load(options.api_keys, environ=options.environ, files=options.keys_files)
     bind = _bind_address(options, not keyring.empty)
     supervisor = Supervisor(

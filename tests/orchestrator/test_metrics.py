@@ -6,9 +6,13 @@ from __future__ import annotations
 import doctest
 import logging
 import math
+import os
+import signal
+import time
 from pathlib import Path
 
 import anyio
+import httpx
 import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
@@ -417,3 +421,58 @@ async def test_a_served_orchestrator_counts_turns_per_template(tmp_path: Path) -
         assert samples['ppio_turns_total{outcome="ok"}'] == "5.0"
         assert samples['ppio_sessions{state="ready"}'] == "1.0"
         assert samples['ppio_http_requests_total{route="invocations",status="200"}'] == "5.0"
+
+
+# -- serve --workers: one scrape, the machine's figures --------------------------------------------
+
+
+def test_the_machines_counters_survive_a_worker_restart(tmp_path: Path) -> None:
+    """Counters live in the workers' files: a worker killed and restarted takes
+    nothing away from the machine's sums (which Prometheus would read as a reset)."""
+    from tests.e2e.test_orchestrator_serve import serving, template_args
+    from tests.e2e.test_workers import _fresh, _worker_pids, _workers_ready
+
+    def scrape(client: httpx.Client) -> dict[str, str]:
+        r = client.get("/metrics")
+        assert r.status_code == 200, r.text
+        return _samples(r.text)
+
+    ok = 'ppio_turns_total{outcome="ok"}'
+    invocations = 'ppio_http_requests_total{route="invocations",status="200"}'
+    args = [*template_args("counter"), "--workers", "2"]
+    with serving(tmp_path, *args, data_dir=tmp_path / "data", tcp="127.0.0.1") as server:
+        _workers_ready(server, 2)
+        with _fresh(server) as client:
+            sids = []
+            while {sid.rsplit(".", 1)[1] for sid in sids} != {"w0", "w1"}:
+                r = client.post("/v1/sessions", json={"template_id": "counter"})
+                assert r.status_code == 201, r.text
+                sids.append(r.json()["session_id"])
+            for sid in sids:
+                r = client.post(f"/v1/sessions/{sid}/invocations", json={})
+                assert r.status_code == 200, r.text
+            before = scrape(client)
+            assert before[ok] == f"{len(sids)}.0"  # whichever worker answers: the sum
+            # Counted by each front door that served it: a forwarded turn twice.
+            assert float(before[invocations]) >= len(sids)
+            assert before["ppio_turn_duration_seconds_count"] == f"{len(sids)}.0"
+            assert (tmp_path / "data" / "metrics").is_dir()
+
+            pids = _worker_pids(server)
+            os.kill(pids[1], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while _worker_pids(server).get(1) in (None, pids[1]):
+                assert time.monotonic() < deadline, server.log()
+                time.sleep(0.05)
+            _workers_ready(server, 2)
+            for _ in range(4):  # whichever worker answers, the new one too
+                after = scrape(client)
+                assert after[ok] == before[ok]
+                assert after[invocations] == before[invocations]
+                assert (
+                    after["ppio_turn_duration_seconds_count"]
+                    == before["ppio_turn_duration_seconds_count"]
+                )
+            kept = next(sid for sid in sids if sid.endswith(".w0"))
+            assert client.post(f"/v1/sessions/{kept}/invocations", json={}).status_code == 200
+            assert scrape(client)[ok] == f"{len(sids) + 1}.0"
