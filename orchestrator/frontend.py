@@ -37,7 +37,7 @@ from ._hypercorn import BODY_TIMEOUT_KEY
 from .auth import Authenticator, Principal
 from .host import Orchestrator
 from .hotpath import InvocationHandler
-from .metrics import CONTENT_TYPE
+from .metrics import CONTENT_TYPE, INCARNATION_HEADER
 from .routing import Router
 from .wire import encode_reply
 
@@ -398,6 +398,7 @@ class FrontDoor:
                 "headers": [
                     (b"content-type", CONTENT_TYPE.encode()),
                     (b"content-length", b"%d" % len(body)),
+                    (INCARNATION_HEADER.encode(), self.metrics.incarnation.encode()),
                 ],
             }
         )

@@ -31,7 +31,7 @@ from ppio_sandbox.agent_runtime.errors import (
 
 from .forwarding import HEADER_FORWARDED_BY, MISDIRECTED, Forwarder, Misdirected
 from .host import Orchestrator
-from .metrics import merge_expositions
+from .metrics import INCARNATION_HEADER, merge_expositions
 from .placement import Member, Owner, Placement
 from .wire import decode_object, encode_reply, record_view, session_view
 
@@ -314,8 +314,10 @@ class Router:
         return views
 
     async def machine_metrics(self, own: bytes) -> bytes:
-        """``/metrics`` of every worker of this machine, summed (this one's is ``own``)."""
+        """``/metrics`` of every worker of this machine, summed (this one's is ``own``);
+        the snapshots of those that do not answer add their counters (see .metrics)."""
         texts = [own]
+        answered: list[str] = []
 
         async def ask(member: Member) -> None:
             assert member.address is not None
@@ -328,12 +330,14 @@ class Router:
                 logger.warning("metrics: worker %s did not answer: %s", member.node, exc)
                 return
             texts.append(reply.content)
+            answered.append(reply.headers.get(INCARNATION_HEADER, ""))
 
         async with anyio.create_task_group() as tg:
             for member in self.placement.machine_members():
                 if member.node != self.placement.node_id and member.address is not None:
                     tg.start_soon(ask, member)
-        return merge_expositions(texts)
+        metrics = self.host.metrics
+        return merge_expositions(texts, metrics.carried(answered) if metrics else ())
 
     async def cluster_view(self) -> dict[str, Any]:
         """The members, their load (each one asked) and what this node holds."""

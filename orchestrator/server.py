@@ -194,7 +194,8 @@ async def run(
     shutdown = shutdown or anyio.Event()
     placement, internal_bind, store = _placement(options, bind)
     templates = TemplateStore(options.data_dir, shared=options.worker_index is not None)
-    metrics = OrchestratorMetrics()
+    snapshots = options.data_dir / "metrics" if options.worker_index is not None else None
+    metrics = OrchestratorMetrics(snapshots=snapshots)  # a worker's: see .metrics
     async with Orchestrator(
         config, templates=templates, store=store, ownership=placement, metrics=metrics
     ) as host:
@@ -466,15 +467,13 @@ def _setup_logging(options: ServeOptions) -> None:
 
 def serve_workers(options: ServeOptions, argv: list[str]) -> int:
     """``serve --workers N``: the supervising parent (:mod:`.supervisor`); the exit code."""
-    from .metrics import MULTIPROCESS_ENV
     from .supervisor import Supervisor
 
     _setup_logging(options)
-    # The workers' counters, kept in files that outlive a worker (see .metrics).
-    counters = options.data_dir / "metrics"
-    shutil.rmtree(counters, ignore_errors=True)
-    counters.mkdir(parents=True)
-    os.environ[MULTIPROCESS_ENV] = str(counters.resolve())
+    # The workers' metrics snapshots, which outlive a worker (see .metrics).
+    snapshots = options.data_dir / "metrics"
+    shutil.rmtree(snapshots, ignore_errors=True)
+    snapshots.mkdir(parents=True)
     keyring = KeyRing.load(options.api_keys, environ=options.environ, files=options.keys_files)
     bind = _bind_address(options, not keyring.empty)
     supervisor = Supervisor(

@@ -389,6 +389,30 @@ def test_merge_leaves_out_what_it_cannot_parse(caplog: pytest.LogCaptureFixture)
     assert merge_expositions([one]) == one
 
 
+def test_merge_adds_the_counters_not_the_gauges_of_workers_that_did_not_answer() -> None:
+    live = _worker({"ready": 6}, 2, 0.02).render()
+    gone = _worker({"ready": 7}, 3, 0.3).render()  # a killed worker's last snapshot
+    samples = _samples(merge_expositions([live], carried=[gone]))
+    assert samples['ppio_turns_total{outcome="ok"}'] == "5.0"
+    assert samples["ppio_turn_duration_seconds_count"] == "5.0"
+    assert samples['ppio_sessions{state="ready"}'] == "6.0"  # its sessions are gone
+    assert samples["ppio_mailbox_depth"] == "2.0"
+
+
+def test_a_workers_snapshot_is_what_it_last_rendered(tmp_path: Path) -> None:
+    one = OrchestratorMetrics(snapshots=tmp_path / "metrics")
+    two = OrchestratorMetrics(snapshots=tmp_path / "metrics")
+    assert one.incarnation != two.incarnation
+    assert one.carried([]) == []  # nothing rendered yet
+    one.record_turn("ok", 0.1)
+    text = one.render()
+    assert (tmp_path / "metrics" / f"{one.incarnation}.prom").read_bytes() == text
+    assert two.carried([]) == [text]
+    assert two.carried([one.incarnation]) == []  # it answered: its live text counts
+    assert one.carried([]) == []  # never its own
+    assert OrchestratorMetrics().carried([]) == []  # not a worker: no snapshots
+
+
 def test_module_docstring_example_runs() -> None:
     result = doctest.testmod(metrics_module)
     assert result.attempted >= 1
