@@ -66,8 +66,10 @@ class Session:
         "core",
         "env_vars",
         "metadata",
+        "moved",
         "sandbox",
         "saved",
+        "settled",
         "state",
         "template_id",
         "tenant",
@@ -94,6 +96,10 @@ class Session:
         self.wake: anyio.Event | None = None
         self.changes = 0  # changes worth a checkpoint so far
         self.saved = 0  # ... of which the store has this many
+        self.moved = False  # let go of here: another node serves it now
+        # context.state as the last finished turn left it (msgpack), for a
+        # checkpoint taken while a turn runs and mutates the live dict
+        self.settled: bytes | None = None
 
     @property
     def session_id(self) -> str:

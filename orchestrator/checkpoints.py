@@ -64,6 +64,7 @@ __all__ = [
     "expiry_reason",
     "record_of",
     "session_from",
+    "settle",
     "state_of",
     "turns_of",
 ]
@@ -114,11 +115,39 @@ def _turn_wire(turn: Turn, wall_offset: float) -> bytes:
     return turn.wire
 
 
+UNSERIALIZABLE = b""
+"""``Session.settled`` when the last finished turn left a state msgpack cannot encode."""
+
+
+def settle(session: Session) -> str | None:
+    """Encode ``context.state`` as a turn that just finished left it (``Session.settled``).
+
+    A checkpoint always writes the state *settled* by the last finished turn,
+    never the live dict a running turn may be changing, so a state and the
+    turns recorded with it agree: a turn whose effects are in the state is in
+    the record, and a retry after a failover replays it instead of running it
+    on top of its own effects. Returns why it cannot be encoded, or None.
+    """
+    if session.state is None:
+        return None
+    try:
+        session.settled = _strict.encode(session.state)
+    except (TypeError, ValueError, OverflowError) as exc:
+        session.settled = UNSERIALIZABLE
+        return str(exc)
+    return None
+
+
 def record_of(session: Session, *, wall_offset: float, seq: int) -> SessionRecord:
     """The session as a checkpoint (times as wall clock). Raises UnserializableState."""
     core = session.core
     state = NIL
-    if session.state is not None:
+    settled = session.settled
+    if settled == UNSERIALIZABLE:
+        raise UnserializableState("the last turn left a context.state msgpack cannot encode")
+    if settled is not None:
+        state = msgspec.Raw(settled)
+    elif session.state is not None and core.running is None:  # no turn finished yet here
         try:
             state = msgspec.Raw(_strict.encode(session.state))
         except (TypeError, ValueError, OverflowError) as exc:
@@ -199,6 +228,8 @@ def session_from(record: SessionRecord, limits: SessionLimits, *, wall_offset: f
         env_vars=record.env_vars,
     )
     session.state = state_of(record)
+    if record.state != NIL:
+        session.settled = bytes(record.state)
     session.changes = session.saved = record.seq
     return session
 

@@ -42,6 +42,7 @@ from .checkpoints import (
     expiry_reason,
     record_of,
     session_from,
+    settle,
 )
 from .directory import InMemorySessionDirectory, SessionDirectory
 from .sandbox.base import SandboxProvider
@@ -81,6 +82,14 @@ def _local_ownership() -> Ownership:
     from .placement import SingleNode
 
     return SingleNode()
+
+
+class _Exists(ValidationError):
+    """A session of that name exists, or is being created or restored right now.
+
+    A 400 for ``POST /v1/sessions``; for a first use by name (the AgentCore
+    route) a sign that a concurrent first use got there first: use that one.
+    """
 
 
 class SessionHost:
@@ -216,8 +225,8 @@ class SessionHost:
         if template.phase != "deployed":
             raise TemplateNotFoundError(f"template {template.id} is {template.phase}, not deployed")
         key = (tenant, sid)
-        if self.directory.get(tenant, sid) is not None or key in self._creating:
-            raise ValidationError(f"session {sid} already exists")
+        if key in self._creating or self.directory.get(tenant, sid) is not None:
+            raise _Exists(f"session {sid} already exists")
         if session_id and self.checkpoints.enabled:
             ready = self._creating[key] = anyio.Event()
             try:
@@ -226,7 +235,7 @@ class SessionHost:
                 del self._creating[key]
                 ready.set()
             if stored is not None:
-                raise ValidationError(f"session {sid} already exists")
+                raise _Exists(f"session {sid} already exists")
         now = self.clock()
         core = SessionCore(sid, now=now, limits=self.limits, timeout_seconds=timeout_seconds)
         session = Session(
@@ -356,13 +365,25 @@ class SessionHost:
     async def get_or_create_session(
         self, tenant: str, agent_id: str, session_id: str | None
     ) -> Session:
-        """The AgentCore route: the session named by the caller, created on first use."""
-        if session_id:
-            check_session_id(session_id)
-            session = await self.find(tenant, session_id)
+        """The AgentCore route: the session named by the caller, created on first use.
+
+        Concurrent first uses of one name agree: all but the one that creates
+        it wait for it (a name being created or restored is not "taken").
+        """
+        if not session_id:
+            return await self.create_session(tenant, agent_id)
+        check_session_id(session_id)
+        for attempt in range(8):
+            session = await self.find(tenant, session_id)  # waits out a creation under way
             if session is not None:
                 return session
-        return await self.create_session(tenant, agent_id, session_id=session_id)
+            try:
+                return await self.create_session(tenant, agent_id, session_id=session_id)
+            except _Exists:
+                if attempt == 7:
+                    raise
+                continue  # a concurrent first use created it: find it
+        raise AssertionError("unreachable")
 
     def list_sessions(self, tenant: str) -> list[Session]:
         return [s for s in self.directory if s.tenant == tenant]
@@ -404,6 +425,7 @@ class SessionHost:
         """
         if session.core.ended:
             return
+        session.moved = True
         await self._end(session, reason, ServiceUnavailableError, tombstone=False)
         await self.ownership.release(session.tenant, session.session_id)
 
@@ -439,6 +461,7 @@ class SessionHost:
 
     def _lost(self, session: Session) -> None:
         """A store refused our checkpoint: another node owns the session now."""
+        session.moved = True  # before anything else: no turn of it may be acknowledged now
         logger.warning(
             "session %s: another node owns it now; letting go of it here", session.session_id
         )
@@ -479,19 +502,23 @@ class SessionHost:
         try:
             record = record_of(session, wall_offset=self.wall_offset, seq=session.changes)
         except UnserializableState as exc:
-            if key not in self._unserializable:
-                self._unserializable.add(key)
-                logger.warning(
-                    "session %s: context.state cannot be checkpointed (%s); its last good "
-                    "checkpoint is kept, and a failover would bring that back",
-                    session.session_id,
-                    exc,
-                )
-            if self.metrics is not None:
-                self.metrics.checkpoint_failures_total.labels("unserializable").inc()
+            self._cannot_checkpoint(session, str(exc))
             return None
         self._unserializable.discard(key)
         return encode_checkpoint(record, self.ownership.fence(session.tenant, session.session_id))
+
+    def _cannot_checkpoint(self, session: Session, problem: str) -> None:
+        key = (session.tenant, session.session_id)
+        if key not in self._unserializable:
+            self._unserializable.add(key)
+            logger.warning(
+                "session %s: context.state cannot be checkpointed (%s); its last good "
+                "checkpoint is kept, and a failover would bring that back",
+                session.session_id,
+                problem,
+            )
+        if self.metrics is not None:
+            self.metrics.checkpoint_failures_total.labels("unserializable").inc()
 
     async def durable(self, session: Session, turn: Turn) -> None:
         """With ``turn`` durability, wait until the turn's outcome is in the store."""
@@ -503,6 +530,15 @@ class SessionHost:
             # One round suffices: it snapshots the session after this call
             # (a state it cannot encode is skipped, with a warning).
             await self.checkpoints.flush([session])
+        if session.saved >= turn.change or not session.moved:
+            return  # stored; or closed by its caller (nothing to keep); or not storable (warned)
+        # The session left this node (its lease was lost, another node owns it
+        # now) before the turn was stored: not acknowledged; the retry runs it there.
+        raise ServiceUnavailableError(
+            f"session {session.session_id} moved to another node before this turn could be "
+            "stored; retry with the same Idempotency-Key",
+            retry_after=1.0,
+        )
 
     def passivated(self, session: Session) -> None:
         """The actor went quiet: make sure what it did is written."""
@@ -580,6 +616,10 @@ class SessionHost:
         if self.running_turns == 0 and self._idle is not None:
             self._idle.set()
         if outcome is not TurnOutcome.CRASHED:
+            if self.checkpoints.enabled:
+                problem = settle(session)
+                if problem is not None:
+                    self._cannot_checkpoint(session, problem)
             self.changed(session)
         turn.change = session.changes
         if self.metrics is not None:

@@ -293,3 +293,43 @@ def test_records_are_compact() -> None:
     record = record_of(session, wall_offset=0.0, seq=1)
     assert isinstance(record, SessionRecord)
     assert len(msgspec.msgpack.encode(record)) < 200
+
+
+async def test_concurrent_first_uses_of_one_name_agree_on_one_session(tmp_path: Path) -> None:
+    async with orchestrator(tmp_path) as o:
+        replies: list[Any] = []
+
+        async def first_use(i: int) -> None:
+            r = await o.client.post(
+                "/v1/agents/echo/invocations",
+                json={"prompt": f"p{i}"},
+                headers={"X-PPIO-Session-Id": "chat-race"},
+            )
+            replies.append(r)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(first_use, i)
+        assert [r.status_code for r in replies] == [200] * 8, [r.text for r in replies]
+        assert sorted(r.json()["result"]["turn"] for r in replies) == list(range(1, 9))
+
+
+async def test_a_checkpoint_taken_mid_turn_holds_the_state_of_the_last_finished_turn(
+    tmp_path: Path,
+) -> None:
+    async with orchestrator(tmp_path, durability=Durability.INTERVAL) as o:
+        sid = await o.session()
+        await _turn(o, sid, {"prompt": "one"})  # state: turns=1
+        session = o.host.get_session("default", sid)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(o.invoke, sid, {"action": "sleep", "seconds": 1})
+            with anyio.fail_after(5):
+                while session.core.running is None:
+                    await anyio.sleep(0.01)
+            assert session.state == {"turns": 2}  # the running turn has changed the live dict
+            await o.host.sessions.checkpoints.flush([session])
+            record = await o.host.sessions.store.load("default", sid)
+            assert record is not None
+            assert state_of(record) == {"turns": 1}  # as turn 1 left it, with turn 1 recorded
+            assert len(record.turns) == 1
+            tg.cancel_scope.cancel()
