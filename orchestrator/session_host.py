@@ -243,6 +243,14 @@ class SessionHost:
         )
         await self._start(session, template)
         self.changed(session)
+        if self.checkpoints.durability is Durability.TURN:
+            # Acknowledged means stored: a session created and then lost with
+            # its node would be a 404 to a caller that was told 201.
+            try:
+                await self.checkpoints.flush([session])
+            except ServiceUnavailableError:
+                await self.close_session(session, "closed: it could not be stored")
+                raise
         return session
 
     async def _start(self, session: Session, template: Any, *, paused: bool = False) -> None:
