@@ -8,7 +8,9 @@ Run in its own process against two ``serve --cluster`` nodes, the *owner*
 
 1. Priming: each session ``<prefix><i>`` gets its first turn on the owner
    (``POST /v1/agents/<template>/invocations`` with ``X-PPIO-Session-Id``),
-   so the owner claims it.
+   so the owner claims it; a failed attempt is retried (up to 5 times,
+   counted in ``prime_retries`` by kind), and a session never primed is left
+   out (``primed``).
 2. Load: every session loops over turns, one at a time on its own
    keep-alive connection to the *entry* node, which forwards them to the
    owner. A ``200`` reply is an acknowledged turn; the counter agent
@@ -50,6 +52,10 @@ from .loadgen import generator_command, latency_stats, print_result
 
 __all__ = ["FailoverOptions", "command", "main", "run"]
 
+PRIME_ATTEMPTS = 5
+PRIME_BACKOFF = 0.2
+"""Seconds before the second priming attempt (then twice, three times as long...)."""
+
 
 @dataclass
 class FailoverOptions:
@@ -88,6 +94,8 @@ class _State:
     after: list[int | None] = field(default_factory=list)
     recovery_ns: list[int | None] = field(default_factory=list)
     errors_before: Counter[str] = field(default_factory=Counter)
+    prime_retries: Counter[str] = field(default_factory=Counter)
+    """Failed priming attempts by kind (retried up to ``PRIME_ATTEMPTS`` times)."""
     outage: Counter[str] = field(default_factory=Counter)
     turns_before: int = 0
 
@@ -136,6 +144,15 @@ def _turn(body: bytes) -> int:
     return int(json.loads(body)["result"]["turn"])
 
 
+def _error_kind(status: int, body: bytes) -> str:
+    """``status 503 ServiceUnavailableError``: the status and the error envelope's type."""
+    try:
+        kind = json.loads(body)["error"]["type"]
+    except (ValueError, KeyError, TypeError):
+        return f"status {status}"
+    return f"status {status} {kind}"
+
+
 async def _open(
     opts: FailoverOptions, port: int
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -143,25 +160,37 @@ async def _open(
 
 
 async def _prime(state: _State, index: int) -> bool:
+    """The session's first turn, on the owner (which claims it); retried a few times."""
+    for attempt in range(PRIME_ATTEMPTS):
+        if attempt:
+            await asyncio.sleep(PRIME_BACKOFF * attempt)
+        done = await _prime_once(state, index)
+        if done is not None:
+            return done
+    return False
+
+
+async def _prime_once(state: _State, index: int) -> bool | None:
+    """True: primed; False: failed for good; None: failed, worth another try."""
     opts = state.opts
     sid = f"{opts.session_prefix}{index}"
     try:
         reader, writer = await _open(opts, opts.owner_port)
     except (OSError, TimeoutError) as exc:
-        state.errors_before[f"prime connect: {type(exc).__name__}"] += 1
-        return False
+        state.prime_retries[f"connect: {type(exc).__name__}"] += 1
+        return None
     try:
         status, body, _ = await asyncio.wait_for(
             _exchange(reader, writer, _request(opts, sid, 0, opts.owner_port)), opts.io_timeout
         )
     except (OSError, EOFError, ValueError, TimeoutError, asyncio.IncompleteReadError) as exc:
-        state.errors_before[f"prime: {type(exc).__name__}"] += 1
-        return False
+        state.prime_retries[type(exc).__name__] += 1
+        return None
     finally:
         writer.close()
     if status != 200:
-        state.errors_before[f"prime status {status}"] += 1
-        return False
+        state.prime_retries[_error_kind(status, body)] += 1
+        return None
     try:
         first = _turn(body)
     except (ValueError, KeyError, TypeError):
@@ -233,7 +262,7 @@ async def _session(state: _State, index: int) -> None:
                 else:
                     state.recovery_ns[index] = done - state.kill_ns
                     return
-            kind = kind or f"status {status}"
+            kind = kind or _error_kind(status, body)
             if state.kill_ns is not None and done >= state.kill_ns:  # a turn cut off counts too
                 state.outage[kind] += 1
             else:
@@ -300,6 +329,7 @@ async def run(opts: FailoverOptions) -> dict[str, Any]:
         "lost_turns_mean": round(sum(lost) / len(lost), 3) if lost else 0.0,
         "applied_unacked": sum(extra),
         "errors_before_kill": dict(state.errors_before),
+        "prime_retries": dict(state.prime_retries),
         "errors": sum(state.errors_before.values()),
         "outage_replies": dict(state.outage),
         "per_session": {

@@ -22,7 +22,6 @@ from typing import Any
 
 from .. import ROOT, agentgen, loadgen, procs
 from ..core import RunConfig
-from ..loadgen import tree_cpu_seconds
 from ..servers import (
     HELLO_TEMPLATE,
     ORCHESTRATOR,
@@ -39,8 +38,8 @@ __all__ = [
     "THINK_TEMPLATE",
     "Node",
     "backend_for",
-    "children",
     "cluster_spec",
+    "metric_delta",
     "metric_total",
     "orchestrator_spec",
     "owned_session_ids",
@@ -48,6 +47,7 @@ __all__ = [
     "run_loadgen",
     "scrape_metrics",
     "serve_node",
+    "write_ids",
 ]
 
 THINK_TEMPLATE = ROOT / "benchmarks" / "templates" / "think"
@@ -168,11 +168,6 @@ def serve_node(
         yield node
 
 
-def children(pid: int) -> list[int]:
-    """The direct children of ``pid`` (a supervisor's workers)."""
-    return sorted(loadgen._children(pid))
-
-
 def owned_session_ids(worker: int, workers: int, count: int, prefix: str) -> list[str]:
     """``count`` caller-chosen session ids that worker ``worker`` of ``workers`` owns.
 
@@ -256,11 +251,6 @@ def run_agentgen(opts: agentgen.AgentOptions, cpus: frozenset[int] | None) -> di
     timeout = 2 * opts.ramp_timeout + opts.warmup + opts.duration + 60.0
     result: dict[str, Any] = procs.run_json(agentgen.command(opts), cpus=cpus, timeout=timeout)
     return result
-
-
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """CPU seconds used so far by ``pids`` and their descendants (gone ones count 0)."""
-    return sum(tree_cpu_seconds(pid) or 0.0 for pid in pids)
 
 
 def write_ids(workdir: Path, name: str, ids: Sequence[str]) -> Path:

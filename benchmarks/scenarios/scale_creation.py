@@ -10,7 +10,7 @@ the scenario. Subjects, each on fresh servers per repetition:
   ``i mod k``).
 
 On each, :mod:`benchmarks.loadgen` ``--create`` loops ``POST /v1/sessions``
-on every keep-alive connection (64, 16 with ``--quick``), twice:
+on every keep-alive connection (64, 4 with ``--quick``), twice:
 
 * ``generated``: ``{"template_id": "bench-hello"}``, the node names the
   session (``sess-<hex>.<node>.<incarnation>``): no coordination at all;
@@ -68,7 +68,7 @@ KINDS = ("generated", "named")
 BASELINE = "single"
 DURABILITY = "interval"
 TARGETS = Targets(min_rps_ratio=0.5, max_p99_ratio=None)
-QUICK_CONNECTIONS = 16
+QUICK_CONNECTIONS = 4
 METRICS = [
     Metric("cpu_per_creation", "server CPU per creation", "µs"),
     Metric("etcd_cpu", "etcd CPU (3 members)", "%"),

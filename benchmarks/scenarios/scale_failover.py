@@ -111,6 +111,9 @@ def describe(result: dict[str, Any]) -> str:
         text += f", {result['applied_unacked']} applied unacked"
     if result["errors"]:
         text += f", {result['errors']} errors before the kill {result['errors_before_kill']}"
+    retries = result.get("prime_retries")
+    if retries:
+        text += f", priming retried {sum(retries.values())} times {retries}"
     return text
 
 

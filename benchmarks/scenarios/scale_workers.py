@@ -7,8 +7,10 @@ Two workloads, each subject next to the baseline in the same run:
   think, 20 SSE chunks), driven by :mod:`benchmarks.agentgen` over TCP, at
   N = 1,000 and 10,000 (100 with ``--quick``; ``BENCH_SCALE_SESSIONS``
   overrides); a fresh server per (N, repetition, subject), N >= 10,000
-  measured once. Three subjects: ``workers-1`` (the baseline) and
-  ``workers-2``, sessions named by the caller (``X-PPIO-Session-Id`` on the
+  measured once, after 10 s of warm-up for 10 s (a turn there takes
+  seconds: a shorter window would see the ramp's transient). Three
+  subjects: ``workers-1`` (the baseline) and ``workers-2``, sessions named
+  by the caller (``X-PPIO-Session-Id`` on the
   AgentCore route, as ``agent-hosting`` does), and ``workers-2
   server-named``: each session created by ``POST /v1/sessions`` on its
   connection, then its turns on ``/v1/sessions/<id>/invocations`` (agentgen
@@ -38,8 +40,10 @@ the figures). ``--no-pin`` changes nothing here.
 
 The load generator connects over TCP: the kernel spreads connections over
 the workers (``SO_REUSEPORT``), and a caller-named session lives on the
-worker its name hashes to, so about half of all turns take the forwarding
-hop on ``workers-2`` (measured: the forwarded share). That is what a client
+worker its name hashes to, so on ``workers-2`` about half of the sessions
+reach their owner through the other worker and every turn of theirs takes
+the forwarding hop (the forwarded share of *turns* is lower when forwarded
+turns are slower: each session is a closed loop). That is what a client
 that does not follow ``X-PPIO-Owner`` gets.
 """
 
@@ -99,6 +103,10 @@ ENV_SESSIONS = "BENCH_SCALE_SESSIONS"
 TURNS_TARGET = 1.6
 OVERHEAD_P99_TARGET_MS = 1000.0
 OVERHEAD_TARGET_FROM = 10_000
+LONG_WARMUP = 10.0
+LONG_DURATION = 10.0
+"""Window for N >= 10,000: a turn there takes seconds (N / turns/s), so 2 s of
+warm-up and 5 s measured would see the ramp's transient, not the steady state."""
 RPS_LEVELS = (64, 256)
 RPS_QUICK_LEVELS = (64,)
 RPS_PATH = "/v1/agents/bench-hello/invocations"
@@ -284,8 +292,10 @@ class ScaleWorkers:
                             think_min=THINK_MS[0],
                             think_max=THINK_MS[1],
                             seed=SEED,
-                            warmup=warmup,
-                            duration=duration,
+                            warmup=max(warmup, LONG_WARMUP) if sessions >= ONCE_FROM else warmup,
+                            duration=(
+                                max(duration, LONG_DURATION) if sessions >= ONCE_FROM else duration
+                            ),
                             server_pid=node.pid,
                             ramp_timeout=_ramp_timeout(sessions),
                             server_named=named,
