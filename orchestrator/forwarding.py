@@ -24,13 +24,15 @@ its retry with the same ``Idempotency-Key`` replays or runs it again).
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.lowlevel
-import httpx
 
 from ppio_sandbox.agent_runtime.errors import (
     PPIOAgentRuntimeError,
@@ -39,6 +41,7 @@ from ppio_sandbox.agent_runtime.errors import (
 )
 
 from .placement import Owner
+from .sandbox._h11client import ConnectError, H11Client, Response, TransportError
 
 __all__ = [
     "HEADER_FORWARDED_BY",
@@ -80,15 +83,32 @@ _DROPPED = frozenset(
         HEADER_FORWARDED_BY.encode(),
     }
 )
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
-_NOT_RELAYED = _HOP_BY_HOP | {
-    "date",  # this node's server adds its own Date and Server: one of each
-    "server",
-    HEADER_OWNER,  # set below; a reply relayed twice (another machine's worker) names it once
-    HEADER_OWNER_URL,
-}
-_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=10.0)
-_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=60.0)
+_NOT_RELAYED = frozenset(
+    name.encode()
+    for name in (
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "date",  # this node's server adds its own Date and Server: one of each
+        "server",
+        HEADER_OWNER,  # set below; a reply relayed twice (another machine's worker) names it once
+        HEADER_OWNER_URL,
+    )
+)
+MAX_IDLE = 64
+"""Keep-alive connections kept open to each other node (more open while busy)."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A whole reply from another node (:meth:`Forwarder.get`)."""
+
+    status: int
+    headers: dict[str, str]
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
 
 
 class Misdirected(Exception):
@@ -102,7 +122,7 @@ class Forwarder:
         self.node_id = node_id
         self.token = token
         self.retry_after = retry_after
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._clients: dict[str, H11Client] = {}
         self._token_bytes = token.encode()
 
     def is_internal(self, headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -119,16 +139,16 @@ class Forwarder:
             return None
         return tenant
 
-    def _client(self, address: str) -> httpx.AsyncClient:
+    def _client(self, address: str) -> H11Client:
+        """Pooled keep-alive connections to one node (h11 over anyio streams, no httpx)."""
         client = self._clients.get(address)
         if client is None:
             if address.startswith("unix:"):
-                transport = httpx.AsyncHTTPTransport(uds=address[5:], limits=_LIMITS)
-                base = "http://node"
+                client = H11Client.unix(address[5:], connect_timeout=5.0)
             else:
-                transport = httpx.AsyncHTTPTransport(limits=_LIMITS)
-                base = address
-            client = httpx.AsyncClient(transport=transport, base_url=base, timeout=_TIMEOUT)
+                url = urlsplit(address)
+                client = H11Client.tcp(url.hostname or "", url.port or 80, connect_timeout=5.0)
+            client.max_idle = MAX_IDLE
             self._clients[address] = client
         return client
 
@@ -138,12 +158,16 @@ class Forwarder:
             for client in clients:
                 await client.aclose()
 
-    def _headers(self, scope: Mapping[str, Any], tenant: str) -> list[tuple[bytes, bytes]]:
-        out = [(n, v) for n, v in scope["headers"] if n not in _DROPPED]
+    def _headers(self, scope: Mapping[str, Any], tenant: str) -> list[tuple[str, str]]:
+        out = [
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in scope["headers"]
+            if n not in _DROPPED
+        ]
         out += [
-            (HEADER_INTERNAL.encode(), self._token_bytes),
-            (HEADER_TENANT.encode(), tenant.encode("latin-1")),
-            (HEADER_FORWARDED_BY.encode(), self.node_id.encode("latin-1")),
+            (HEADER_INTERNAL, self.token),
+            (HEADER_TENANT, tenant),
+            (HEADER_FORWARDED_BY, self.node_id),
         ]
         return out
 
@@ -166,34 +190,28 @@ class Forwarder:
         """
         assert owner.address is not None
         client = self._client(owner.address)
-        path = scope.get("raw_path") or scope["path"].encode()
-        url = path.decode("latin-1")
+        target = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
-        request = client.build_request(
-            scope["method"], url, content=body, headers=self._headers(scope, tenant)
-        )
+            target += b"?" + scope["query_string"]
         try:
-            response = await client.send(request, stream=True)
-        except httpx.ConnectError as exc:
+            response = await client.send(
+                scope["method"], target.decode("latin-1"), self._headers(scope, tenant), body
+            )
+        except ConnectError as exc:
             raise ServiceUnavailableError(
                 f"node {owner.node}, which owns this session, cannot be reached ({exc}); "
                 "it is restarting or another node is taking its sessions over: retry",
                 retry_after=self.retry_after,
             ) from None
-        except httpx.TransportError as exc:
+        except TransportError as exc:
             raise SandboxCrashedError(
                 f"node {owner.node}, which owns this session, was lost during the request "
                 f"({type(exc).__name__}); a retry with the same Idempotency-Key is safe"
             ) from None
         try:
-            if response.status_code == MISDIRECTED:
+            if response.status == MISDIRECTED:
                 raise Misdirected(owner.node)
-            headers = [
-                (name.encode("latin-1"), value.encode("latin-1"))
-                for name, value in response.headers.multi_items()
-                if name.lower() not in _NOT_RELAYED
-            ]
+            headers = [(n, v) for n, v in response.headers if n not in _NOT_RELAYED]
             headers.append((HEADER_OWNER.encode(), owner.node.encode("latin-1")))
             if owner_url:
                 headers.append((HEADER_OWNER_URL.encode(), owner_url.encode("latin-1")))
@@ -204,35 +222,39 @@ class Forwarder:
 
     async def _relay(
         self,
-        response: httpx.Response,
+        response: Response,
         receive: Callable[[], Awaitable[dict[str, Any]]],
         send: Callable[[dict[str, Any]], Awaitable[None]],
         headers: list[tuple[bytes, bytes]],
     ) -> None:
+        start = {"type": "http.response.start", "status": response.status, "headers": headers}
+        if not response.header(b"content-type").startswith(b"text/event-stream"):
+            # A plain reply: its body follows its head at once.
+            try:
+                body = await response.read()
+            except TransportError:
+                raise SandboxCrashedError("the node owning this session was lost") from None
+            await send(start)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
         started = False
         async with anyio.create_task_group() as tg:
 
             async def watch_disconnect() -> None:
                 while (await receive())["type"] != "http.disconnect":
                     pass
-                tg.cancel_scope.cancel()  # the caller left: stop reading the owner's reply
+                tg.cancel_scope.cancel()  # the caller left: stop reading the owner's stream
 
             tg.start_soon(watch_disconnect)
             try:
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": response.status_code,
-                        "headers": headers,
-                    }
-                )
+                await send(start)
                 started = True
-                async for chunk in response.aiter_raw():
+                while chunk := await response.receive():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     await anyio.lowlevel.checkpoint()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except httpx.TransportError as exc:
-                # The owner died mid-reply: end the connection so the caller sees a
+            except TransportError as exc:
+                # The owner died mid-stream: end the connection so the caller sees a
                 # broken reply (a stream resumes with Last-Event-ID elsewhere).
                 logger.warning("node lost mid-reply: %s", exc)
                 if not started:
@@ -244,21 +266,23 @@ class Forwarder:
         """A GET on another node, as this node (the fan-out of a listing); its JSON."""
         return (await self.get(owner, path, tenant)).json()
 
-    async def get(self, owner: Owner, path: str, tenant: str) -> httpx.Response:
+    async def get(self, owner: Owner, path: str, tenant: str) -> Reply:
         """A GET on another node, as this node; its reply (200 only)."""
         assert owner.address is not None
         client = self._client(owner.address)
-        headers = {
-            HEADER_INTERNAL: self.token,
-            HEADER_TENANT: tenant,
-            HEADER_FORWARDED_BY: self.node_id,
-        }
+        headers = [
+            (HEADER_INTERNAL, self.token),
+            (HEADER_TENANT, tenant),
+            (HEADER_FORWARDED_BY, self.node_id),
+        ]
         try:
-            response = await client.get(path, headers=headers)
-        except httpx.TransportError as exc:
+            response = await client.send("GET", path, headers)
+            content = await response.read()
+        except TransportError as exc:
             raise ServiceUnavailableError(
                 f"node {owner.node} cannot be reached ({exc})", retry_after=self.retry_after
             ) from None
-        if response.status_code != 200:
-            raise PPIOAgentRuntimeError(f"node {owner.node} answered {response.status_code}")
-        return response
+        if response.status != 200:
+            raise PPIOAgentRuntimeError(f"node {owner.node} answered {response.status}")
+        names = {n.decode("latin-1"): v.decode("latin-1") for n, v in response.headers}
+        return Reply(response.status, names, content)

@@ -11,10 +11,10 @@ every turn of it runs there, in order. Ownership is *recorded*, not hashed
   incarnation tells a restarted node from its previous life). Creating one
   costs no coordination at all;
 * a session the caller names (``X-PPIO-Session-Id``) has no owner in its
-  id: among the fixed workers of one machine it belongs to the worker its
-  name hashes to; in a cluster the first node to use it *claims* it with one
-  etcd transaction (:mod:`.cluster.membership`), and so does a node that
-  takes over a session whose owner died.
+  id: the first worker or node to use it *claims* it -- among the workers
+  of one machine in a shared SQLite table, in a cluster with one etcd
+  transaction (:mod:`.cluster.membership`), as a node that takes over a
+  session whose owner died does too.
 
 Three placements implement the interface: :class:`SingleNode` (the
 default: everything is local), :class:`WorkerSet` (``serve --workers N``:
@@ -27,13 +27,16 @@ from __future__ import annotations
 import abc
 import re
 import secrets
-import zlib
+import sqlite3
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import anyio.abc
+import anyio.to_thread
 
 from ppio_sandbox.agent_runtime.errors import ValidationError
 
@@ -94,6 +97,8 @@ class Placement(abc.ABC):
     """False only for :class:`SingleNode`: then nothing is ever forwarded."""
     retry_after: float = 1.0
     """What a caller is told to wait when the owner of its session cannot be reached."""
+    ownership_moves: bool = False
+    """True where a session can change owners while a request for it is forwarded (a cluster)."""
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         """Join (cluster), start background tasks in ``tg``."""
@@ -121,8 +126,12 @@ class Placement(abc.ABC):
             raise RuntimeError(f"{type(self).__name__} cannot claim sessions")
         return owner
 
-    async def release(self, tenant: str, session_id: str) -> None:
-        """This node no longer has the session (closed, evicted, never created)."""
+    async def release(self, tenant: str, session_id: str, *, ended: bool = True) -> None:
+        """This node no longer has the session: it ``ended`` (closed), or was let go of."""
+        return None
+
+    def forget(self, tenant: str, session_id: str) -> None:
+        """Drop what this node remembers of the session's owner (it proved stale)."""
         return None
 
     def check_serving(self) -> None:
@@ -155,12 +164,15 @@ class SingleNode(Placement):
 class WorkerSet(Placement):
     """``serve --workers N`` on one machine: a fixed set of workers, no engine.
 
-    Worker ``i`` owns the ids it generated (``.w<i>``) and the caller-named
-    ids whose name hashes to it; the others reach it on its Unix socket
-    ``<run_dir>/w<i>.sock``. The set never changes while the machine runs
-    (a worker that dies is restarted in its slot), so no claim is needed,
-    and a restarted worker finds its sessions in the shared checkpoint
-    store.
+    Worker ``i`` owns the ids it generated (``.w<i>``). A caller-named id is
+    owned by the worker that first used it: it claims the name in a small
+    SQLite table shared by the workers (``<data dir>/claims.sqlite3``, one
+    ``INSERT OR IGNORE``), so a client that keeps its connection -- which
+    stays with one worker -- finds its named sessions on that worker and
+    nothing is forwarded. The others reach worker ``i`` on its Unix socket
+    ``<run_dir>/w<i>.sock``. The set never changes while the machine runs (a
+    worker that dies is restarted in its slot, keeping its claims), and a
+    restarted worker finds its sessions in the shared checkpoint store.
     """
 
     multi_node = True
@@ -175,6 +187,37 @@ class WorkerSet(Placement):
         self._owners = [
             Owner(f"w{i}", i == index, f"unix:{self.socket_path(i)}") for i in range(count)
         ]
+        self._claims: dict[tuple[str, str], int] = {}
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def claims_path(self) -> Path:
+        return self.run_dir.parent / "claims.sqlite3"
+
+    async def start(self, tg: anyio.abc.TaskGroup) -> None:
+        def connect() -> None:
+            db = sqlite3.connect(self.claims_path, check_same_thread=False, timeout=30.0)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS claims (tenant TEXT NOT NULL, session_id TEXT NOT NULL,"
+                " worker INTEGER NOT NULL, PRIMARY KEY (tenant, session_id))"
+            )
+            db.commit()
+            self._db = db
+
+        await anyio.to_thread.run_sync(connect)
+
+    async def close(self) -> None:
+        def disconnect() -> None:
+            with self._lock:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(disconnect)
 
     def socket_path(self, index: int) -> Path:
         return self.run_dir / f"w{index}.sock"
@@ -182,13 +225,62 @@ class WorkerSet(Placement):
     def new_session_id(self) -> str:
         return f"sess-{secrets.token_hex(8)}.{self.node_id}"
 
-    def owner(self, tenant: str, session_id: str) -> Owner:
+    def owner(self, tenant: str, session_id: str) -> Owner | None:
         home = home_of(session_id)
         if home is not None and home.startswith("w") and home[1:].isdigit():
             index = int(home[1:])
             if index < self.count:
                 return self._owners[index]
-        return self._owners[zlib.crc32(f"{tenant}/{session_id}".encode()) % self.count]
+        claimed = self._claims.get((tenant, session_id))
+        return self._owners[claimed] if claimed is not None else None
+
+    async def claim(self, tenant: str, session_id: str) -> Owner:
+        """Mine if no worker has used this name yet, else the worker that has."""
+
+        def insert_or_read() -> int:
+            with self._lock:
+                db = self._db
+                if db is None:
+                    raise RuntimeError("the worker's claims table is not open")
+                with db:
+                    db.execute(
+                        "INSERT OR IGNORE INTO claims VALUES (?, ?, ?)",
+                        (tenant, session_id, self.index),
+                    )
+                    row = db.execute(
+                        "SELECT worker FROM claims WHERE tenant = ? AND session_id = ?",
+                        (tenant, session_id),
+                    ).fetchone()
+            return int(row[0])
+
+        index = await anyio.to_thread.run_sync(insert_or_read)
+        if index >= self.count:  # claimed under a larger --workers: take it over
+            index = self.index
+        if len(self._claims) >= 1_000_000:
+            self._claims.clear()
+        self._claims[(tenant, session_id)] = index
+        return self._owners[index]
+
+    async def release(self, tenant: str, session_id: str, *, ended: bool = True) -> None:
+        """A closed session's name is free again; a session let go of keeps its worker."""
+        if not ended or home_of(session_id) is not None:
+            return
+        self._claims.pop((tenant, session_id), None)
+
+        def delete() -> None:
+            with self._lock:
+                if self._db is not None:
+                    with self._db:
+                        self._db.execute(
+                            "DELETE FROM claims WHERE tenant = ? AND session_id = ?",
+                            (tenant, session_id),
+                        )
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(delete)
+
+    def forget(self, tenant: str, session_id: str) -> None:
+        self._claims.pop((tenant, session_id), None)
 
     def members(self) -> Sequence[Member]:
         return [Member(o.node, o.address) for o in self._owners]

@@ -144,7 +144,18 @@ class Router:
                     retry_after=self.placement.retry_after,
                 )
             try:
-                await self._forward_watched(scope, receive, send, body, tenant, sid, owner)
+                if self.placement.ownership_moves:
+                    await self._forward_watched(scope, receive, send, body, tenant, sid, owner)
+                else:  # a fixed set of workers: the owner cannot change under the request
+                    await self.forwarder.forward(
+                        scope,
+                        receive,
+                        send,
+                        body=body,
+                        tenant=tenant,
+                        owner=owner,
+                        owner_url=self._url_of(owner),
+                    )
             except Misdirected:
                 if metrics is not None:
                     metrics.forwarded_total.labels("misdirected").inc()
@@ -153,6 +164,7 @@ class Router:
                         f"session {sid} is moving between nodes; retry", retry_after=1.0
                     ) from None
                 await anyio.sleep(0.05)  # let the caches catch up, then look again
+                self.placement.forget(tenant, sid)
                 found = self.placement.owner(tenant, sid)
                 if found is None:
                     found = await self.placement.claim(tenant, sid)

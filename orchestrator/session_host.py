@@ -75,7 +75,7 @@ class Ownership(Protocol):
 
     def check_caller_id(self, session_id: str) -> None: ...
 
-    async def release(self, tenant: str, session_id: str) -> None: ...
+    async def release(self, tenant: str, session_id: str, *, ended: bool = True) -> None: ...
 
 
 def _local_ownership() -> Ownership:
@@ -435,7 +435,7 @@ class SessionHost:
             return
         session.moved = True
         await self._end(session, reason, ServiceUnavailableError, tombstone=False)
-        await self.ownership.release(session.tenant, session.session_id)
+        await self.ownership.release(session.tenant, session.session_id, ended=False)
 
     async def _end(
         self,

@@ -96,6 +96,7 @@ class ClusterPlacement(Placement):
     """This node's view of the cluster; see the module docstring."""
 
     multi_node = True
+    ownership_moves = True
 
     def __init__(
         self,
@@ -333,7 +334,8 @@ class ClusterPlacement(Placement):
         assert home is not None  # the home incarnation is alive
         return self._owner_of_member(home.rpartition(".")[0])
 
-    async def release(self, tenant: str, session_id: str) -> None:
+    async def release(self, tenant: str, session_id: str, *, ended: bool = True) -> None:
+        """Give up this node's claim (closed, or let go of: either way another may take it)."""
         revision = self._claims.pop((tenant, session_id), None)
         if revision is None:
             return
@@ -344,6 +346,9 @@ class ClusterPlacement(Placement):
             )
         except EtcdError as exc:  # the claim goes with the lease anyway
             logger.warning("releasing %s failed: %s", session_id, exc)
+
+    def forget(self, tenant: str, session_id: str) -> None:
+        self._claims.pop((tenant, session_id), None)
 
     def fence(self, tenant: str, session_id: str) -> Fence | None:
         owner = self.owner(tenant, session_id)

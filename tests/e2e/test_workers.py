@@ -95,7 +95,7 @@ def test_two_workers_serve_one_address_and_every_turn_reaches_its_owner(tmp_path
                         forwarded += 1
             assert forwarded > 0  # some turns landed on the other worker
 
-            # A caller-named session lives on the worker its name hashes to.
+            # A caller-named session lives on the worker that first used it.
             for turn in (1, 2, 3):
                 r = client.post(
                     "/v1/agents/counter/invocations",
