@@ -240,4 +240,7 @@ class Supervisor:
             time.sleep(0.05)
         codes = [proc.returncode for proc in running]
         logger.info("workers stopped (exit codes %s)", codes)
-        return 0 if all(code == 0 for code in codes) and not forced else 1
+        # A worker still starting when the signal came dies of it (its handlers are
+        # not installed yet): it held no session, so that is a clean stop too.
+        clean = all(code in (0, -signal.SIGTERM) for code in codes)
+        return 0 if clean and not forced else 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import http.client
+import json
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -38,15 +39,16 @@ __all__ = [
     "THINK_TEMPLATE",
     "Node",
     "backend_for",
+    "claim_session_ids",
     "cluster_spec",
     "metric_delta",
     "metric_total",
     "orchestrator_spec",
-    "owned_session_ids",
     "run_agentgen",
     "run_loadgen",
     "scrape_metrics",
     "serve_node",
+    "session_ids",
     "write_ids",
 ]
 
@@ -168,24 +170,31 @@ def serve_node(
         yield node
 
 
-def owned_session_ids(worker: int, workers: int, count: int, prefix: str) -> list[str]:
-    """``count`` caller-chosen session ids that worker ``worker`` of ``workers`` owns.
+def session_ids(count: int, prefix: str) -> list[str]:
+    """``count`` caller-chosen session ids."""
+    return [f"{prefix}{index}" for index in range(count)]
 
-    Asked of the orchestrator's own placement (:class:`WorkerSet`, the
-    default tenant), so the harness never restates its rule.
+
+def claim_session_ids(
+    socket: Path, template: str, ids: Sequence[str], timeout: float = 10.0
+) -> None:
+    """Make the worker listening on ``socket`` own each of ``ids``.
+
+    Among the workers of a machine a caller-named session belongs to the
+    worker that first uses the name, so each session is created through that
+    worker's own socket (``POST /v1/sessions`` with its ``session_id``).
     """
-    from ppio_sandbox.orchestrator.placement import WorkerSet
-
-    placement = WorkerSet(0, workers, Path("/nonexistent"))
-    owner = f"w{worker}"
-    ids: list[str] = []
-    index = 0
-    while len(ids) < count:
-        sid = f"{prefix}{index}"
-        if placement.owner(DEFAULT_TENANT, sid).node == owner:
-            ids.append(sid)
-        index += 1
-    return ids
+    conn = unix_connection(socket, timeout)
+    try:
+        for sid in ids:
+            body = json.dumps({"template_id": template, "session_id": sid})
+            conn.request("POST", "/v1/sessions", body, {"content-type": "application/json"})
+            reply = conn.getresponse()
+            text = reply.read()
+            if reply.status not in (201, 400):  # 400: it exists (an earlier repetition)
+                raise RuntimeError(f"claiming session {sid}: {reply.status} {text[:200]!r}")
+    finally:
+        conn.close()
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")

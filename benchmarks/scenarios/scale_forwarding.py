@@ -52,13 +52,14 @@ from ._loadtest import describe, loadgen_note, noise_note
 from ._scale import (
     THINK_TEMPLATE,
     backend_for,
+    claim_session_ids,
     metric_delta,
     orchestrator_spec,
-    owned_session_ids,
     run_agentgen,
     run_loadgen,
     scrape_metrics,
     serve_node,
+    session_ids,
     write_ids,
 )
 from .agent_hosting import CHUNKS, SEED, TEMPLATE_ID, THINK_MS, _metrics
@@ -124,18 +125,19 @@ class ScaleForwarding:
         pinning = procs.plan_pinning(config.pin)
         levels = config.sweep(LEVELS, QUICK_LEVELS)
         sessions = _agent_sessions(config)
-        hello_ids = write_ids(
-            config.workdir, "forwarding-hello", owned_session_ids(OWNER, 2, max(levels), "fwd-")
-        )
-        think_ids = write_ids(
-            config.workdir, "forwarding-think", owned_session_ids(OWNER, 2, sessions, "fwd-think-")
-        )
+        hello_names = session_ids(max(levels), "fwd-")
+        think_names = session_ids(sessions, "fwd-think-")
+        hello_ids = write_ids(config.workdir, "forwarding-hello", hello_names)
+        think_ids = write_ids(config.workdir, "forwarding-think", think_names)
         spec = orchestrator_spec("forwarding", (HELLO_TEMPLATE, THINK_TEMPLATE), ("--workers", "2"))
         hello: list[dict[str, Any]] = []
         agents: list[dict[str, Any]] = []
         failures: list[str] = []
         for rep in range(1, config.repetitions + 1):
             with serve_node(spec, backend, config, pinning.server) as node:
+                # The sessions are w1's: created through its socket (the first use owns).
+                claim_session_ids(node.socket(OWNER), "bench-hello", hello_names)
+                claim_session_ids(node.socket(OWNER), TEMPLATE_ID, think_names)
                 for level in levels:
                     for subject, worker in ENTRY.items():
                         progress.start(f"{self.name} {backend} {subject} c={level} rep {rep}")

@@ -23,15 +23,16 @@ from benchmarks.scenarios._scale import (
     COUNTER_TEMPLATE,
     THINK_TEMPLATE,
     Node,
+    claim_session_ids,
     cluster_spec,
     metric_delta,
     metric_total,
     orchestrator_spec,
-    owned_session_ids,
     run_agentgen,
     run_loadgen,
     scrape_metrics,
     serve_node,
+    session_ids,
     write_ids,
 )
 from benchmarks.servers import HELLO_TEMPLATE, unix_connection
@@ -113,16 +114,6 @@ def test_orchestrator_spec_swaps_templates_and_adds_options() -> None:
     assert node.argv[node.argv.index("--lease-ttl") + 1] == "2"
 
 
-def test_owned_session_ids_follow_the_orchestrators_placement() -> None:
-    from ppio_sandbox.orchestrator.placement import WorkerSet
-
-    ids = owned_session_ids(1, 2, 20, "t-")
-    assert len(ids) == len(set(ids)) == 20
-    placement = WorkerSet(1, 2, Path("/nonexistent"))
-    assert all(placement.owner("default", sid).node == "w1" for sid in ids)
-    assert not set(ids) & set(owned_session_ids(0, 2, 20, "t-"))
-
-
 async def _report(usage: loadgen.CpuUsage) -> dict[str, Any]:
     return usage.report()
 
@@ -180,20 +171,22 @@ def test_every_worker_answers_on_its_own_socket(workers: Node) -> None:
         assert workers.socket(index).exists()
 
 
-def test_ids_owned_by_w1_are_forwarded_from_w0_only(workers: Node) -> None:
-    (sid,) = owned_session_ids(1, 2, 1, "owned-")
+def test_ids_claimed_through_w1_are_forwarded_from_w0_only(workers: Node) -> None:
+    (sid,) = session_ids(1, "owned-")
+    claim_session_ids(workers.socket(1), "bench-hello", [sid])
     path = "/v1/agents/bench-hello/invocations"
     status, headers, body = _post(workers.socket(0), path, b"{}", {"X-PPIO-Session-Id": sid})
     assert status == 200, body
     assert headers.get("x-ppio-owner") == "w1"
-    assert headers.get("Transfer-Encoding") == "chunked"  # relayed: no content-length
     status, headers, _ = _post(workers.socket(1), path, b"{}", {"X-PPIO-Session-Id": sid})
     assert status == 200
     assert "x-ppio-owner" not in headers
 
 
 def test_loadgen_through_the_hop_reads_chunked_replies(workers: Node, tmp_path: Path) -> None:
-    ids = write_ids(tmp_path, "w1", owned_session_ids(1, 2, 4, "lg-"))
+    names = session_ids(4, "lg-")
+    claim_session_ids(workers.socket(1), "bench-hello", names)
+    ids = write_ids(tmp_path, "w1", names)
     before = scrape_metrics(workers.socket(0))
     opts = loadgen.Options(
         port=0,
@@ -217,7 +210,9 @@ def test_loadgen_through_the_hop_reads_chunked_replies(workers: Node, tmp_path: 
 
 
 def test_agentgen_on_a_worker_socket_with_chosen_ids(workers: Node, tmp_path: Path) -> None:
-    ids = write_ids(tmp_path, "think", owned_session_ids(1, 2, 4, "ag-"))
+    names = session_ids(4, "ag-")
+    claim_session_ids(workers.socket(1), "bench-think", names)
+    ids = write_ids(tmp_path, "think", names)
     opts = agentgen.AgentOptions(
         unix=str(workers.socket(0)),
         template="bench-think",
