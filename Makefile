@@ -31,8 +31,12 @@ demo-cluster: $(STAMP)
 system-deps:
 	@scripts/ensure-debian-packages $(DEBIAN_PACKAGES)
 
+# The suite runs in 4 processes (pytest-xdist): most tests wait on real servers and
+# subprocesses, so 4 keep 2 cores busy. PYTEST_WORKERS=0 runs it in this process.
+PYTEST_WORKERS ?= 4
+
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
