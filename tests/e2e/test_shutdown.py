@@ -72,10 +72,12 @@ async def test_idle_server_exits_0_promptly_on_sigterm(
 
     server.signal(signal.SIGTERM)
     start = time.monotonic()
-    returncode = await anyio.to_thread.run_sync(server.proc.wait, 5)
+    returncode = await anyio.to_thread.run_sync(server.proc.wait, 20)
 
     assert returncode == 0
-    assert time.monotonic() - start < 2
+    # Promptly: nothing to drain, so well before the 30 s graceful timeout (the
+    # bound is loose: a busy machine may take seconds to tear an interpreter down).
+    assert time.monotonic() - start < 10
 
 
 @pytest.mark.parametrize(

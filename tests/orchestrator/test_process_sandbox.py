@@ -391,7 +391,8 @@ async def test_warm_pool_hands_out_started_processes_and_refills(work_root: Path
         pooled = provider.pooled
         assert len(pooled) == 2
         pids |= {sb.pid for sb in pooled if sb.pid is not None}
-        await wait_for(lambda: _all_answer_ping(provider.pooled), timeout=10)
+        # Two cold starts behind their walls: seconds on a busy machine.
+        await wait_for(lambda: _all_answer_ping(provider.pooled), timeout=40)
 
         sandbox = await provider.create("s-warm")
         try:
@@ -417,7 +418,8 @@ async def test_warm_pool_hands_out_started_processes_and_refills(work_root: Path
                 await cold.close()
         finally:
             await sandbox.close()
-        await wait_for(lambda: _all_answer_ping(provider.pooled), timeout=10)
+        # Two cold starts behind their walls: seconds on a busy machine.
+        await wait_for(lambda: _all_answer_ping(provider.pooled), timeout=40)
     assert provider.pooled == []
     for pid in pids:
         assert_gone(pid)
