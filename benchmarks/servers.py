@@ -30,6 +30,7 @@ __all__ = [
     "HELLO_TEMPLATE",
     "ORCHESTRATOR",
     "ORCHESTRATOR_PROCESS",
+    "ORCHESTRATOR_UVICORN",
     "RUNTIME",
     "RUNTIME_STREAM",
     "RUNTIME_UVICORN",
@@ -187,6 +188,13 @@ ORCHESTRATOR = ServerSpec(
 """The orchestrator (``ppio-sandbox-cli serve``) with the in-process hello template.
 
 ``/ping`` answers once the template is registered and deployed."""
+
+ORCHESTRATOR_UVICORN = ServerSpec(
+    name="orchestrator-uvicorn",
+    argv=(*ORCHESTRATOR.argv, "--server", "uvicorn"),
+    ready_path="/ping",
+)
+"""The same on ``serve --server uvicorn`` (httptools, uvloop; asyncio only)."""
 
 ORCHESTRATOR_PROCESS = ServerSpec(
     name="orchestrator", argv=_orchestrator_argv(HELLO_PROCESS_TEMPLATE), ready_path="/ping"

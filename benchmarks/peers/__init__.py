@@ -9,7 +9,9 @@ first use with a progress message. A peer whose environment cannot be made
 
 The agents are the files beside this module, run by the peer's Python and
 served the way the peer ships (``app.run``: uvicorn with its defaults,
-bound to 127.0.0.1 and a free port)::
+bound to 127.0.0.1 and a free port). :data:`HOSTING_PEERS` (Ray) host the
+``agent-hosting`` workload their own way instead (``peer-hosting``: actors
+on a Ray head, driven through Ray's API by ``ray_agent.py``)::
 
     python -m benchmarks.peers            # create (or check) every peer's venv
 """
@@ -29,7 +31,17 @@ from typing import Any
 
 from ..servers import ServerSpec
 
-__all__ = ["PEERS", "Peer", "PeerEnv", "available", "cache_dir", "ensure", "main"]
+__all__ = [
+    "HOSTING_PEERS",
+    "PEERS",
+    "RAY",
+    "Peer",
+    "PeerEnv",
+    "available",
+    "cache_dir",
+    "ensure",
+    "main",
+]
 
 HERE = Path(__file__).resolve().parent
 
@@ -86,6 +98,21 @@ PEERS = (
     ),
 )
 """The peers, in the order they are measured."""
+
+RAY = Peer(
+    label="ray-2.60.0",
+    distribution="ray",
+    version="2.60.0",
+    module="ray",
+    agent=HERE / "ray_agent.py",
+    description="ray 2.60.0 (minimal install): async actors each holding many sessions, "
+    "a turn a streaming-generator actor call, driven through Ray's Python API",
+)
+"""Ray: the ``peer-hosting`` scenario's peer (not an HTTP agent server: see
+:mod:`benchmarks.scenarios.peer_hosting`)."""
+
+HOSTING_PEERS = (RAY,)
+"""Peers hosting the ``agent-hosting`` workload (``peer-hosting``)."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +269,14 @@ def available(note: Callable[[str], None]) -> tuple[list[PeerEnv], dict[str, str
 
 def main() -> int:
     """Create or check every peer's environment; print what is there."""
-    envs, skipped = available(lambda line: print(line, file=sys.stderr))
+    note = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    envs, skipped = available(note)
+    for peer in HOSTING_PEERS:
+        found = ensure(peer, note)
+        if isinstance(found, str):
+            skipped[peer.label] = found
+        else:
+            envs.append(found)
     for env in envs:
         print(json.dumps(env.to_json()))
     for line in skipped.values():

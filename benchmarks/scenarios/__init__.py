@@ -24,6 +24,7 @@ MODULES = (
     "process_sandbox",
     "orchestrator_process",
     "agent_hosting",
+    "peer_hosting",
     "client_overhead",
     "scale_workers",
     "scale_forwarding",
