@@ -23,7 +23,10 @@ given to :func:`configure`. With the API alone nothing is recorded, and the
 caller's context still reaches the agent.
 
 Without ``opentelemetry``, :data:`ENABLED` is False: nothing is imported, and
-the front door and the actor pay one boolean check per request and turn.
+the front door and the actor pay one boolean check per request and turn. With
+the API but no SDK provider (nothing would be recorded), a request that carries
+no ``traceparent`` is not traced either (:func:`wanted`): its spans would be
+invalid and the agent's ``traceparent`` None anyway, at about 20 µs a request.
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ __all__ = [
     "configure",
     "end_request",
     "format_traceparent",
+    "recording",
     "start_request",
+    "turn_wanted",
     "wait_for",
+    "wanted",
 ]
 
 
@@ -65,13 +71,15 @@ _getter: Any = None
 _context: Any = None
 _propagate: Any = None
 _trace: Any = None
+_recording = False
+"""Spans go to a real provider (given to :func:`configure`, or the global one once set)."""
 _waiting: dict[Any, Context] = {}
 """Turns not started yet -> the context of the request waiting for them (see :func:`wait_for`)."""
 
 
 def configure(provider: TracerProvider | None = None) -> None:
     """Use ``provider``'s tracer from now on (None: the global provider's, the default)."""
-    global _tracer, _getter, _context, _propagate, _trace
+    global _tracer, _getter, _context, _propagate, _trace, _recording
     from opentelemetry import context, propagate, trace
     from opentelemetry.propagators.textmap import Getter
 
@@ -89,6 +97,43 @@ def configure(provider: TracerProvider | None = None) -> None:
     _context, _propagate, _trace = context, propagate, trace
     _getter = AsgiGetter()
     _tracer = trace.get_tracer(NAME, tracer_provider=provider)
+    _recording = provider is not None and not isinstance(provider, trace.NoOpTracerProvider)
+
+
+def recording() -> bool:
+    """Whether spans reach a provider that may record them: one given to
+    :func:`configure`, or a global one set by the application (the API's own
+    proxy and no-op providers record nothing). Once true, true for good."""
+    global _recording
+    if _recording:
+        return True
+    if _trace is None:
+        configure()
+    provider = _trace.get_tracer_provider()
+    _recording = not isinstance(provider, (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider))
+    return _recording
+
+
+def wanted(scope: dict[str, Any]) -> bool:
+    """Whether to trace this request: spans are recorded, or it carries a trace
+    context (``traceparent``) that its turn must hand on to the agent."""
+    if _recording or recording():
+        return True
+    return any(name == b"traceparent" for name, _ in scope["headers"])
+
+
+def turn_wanted(turn: Any, *, inline: bool) -> bool:
+    """Whether ``turn`` gets a span (:meth:`TurnSpan.open`): spans are recorded, or
+    the request it runs for was traced (its context current ``inline``, else left
+    by :func:`wait_for`)."""
+    if _recording or recording():
+        return True
+    return traced_context() if inline else turn in _waiting
+
+
+def traced_context() -> bool:
+    """Whether the current context holds a valid span (a traced request's)."""
+    return bool(_trace.get_current_span().get_span_context().is_valid)
 
 
 def _get_tracer() -> Tracer:
@@ -159,6 +204,8 @@ def wait_for(turn: Any) -> Context | None:
         return None  # another request (a replay) waits for it too: the first one's
     if _context is None:
         configure()
+    if not (_recording or recording() or traced_context()):
+        return None  # nothing to hand on
     ctx: Context = _context.get_current()
     _waiting[turn] = ctx
     return ctx

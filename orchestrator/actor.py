@@ -266,7 +266,7 @@ class TurnRunner:
         error: PPIOAgentRuntimeError | None = None
         outcome = TurnOutcome.OK
         span = None
-        if _tracing.ENABLED:
+        if _tracing.ENABLED and _tracing.turn_wanted(turn, inline=inline):
             span = TurnSpan.open(
                 turn, session_id=session.session_id, template_id=session.template_id, inline=inline
             )

@@ -209,6 +209,10 @@ class FrontDoor:
 
     async def _observed(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
         """:meth:`_v1` in the request's span (traced), then its access log line."""
+        traced = self.tracing and _tracing.wanted(scope)
+        if not traced and not access_logger.isEnabledFor(logging.INFO):
+            await self._v1(scope, receive, send, path)  # nothing to observe
+            return
         started = time.perf_counter()
         status = 0
         session_id = request_id = None
@@ -225,7 +229,7 @@ class FrontDoor:
             await send(message)
 
         span = token = None
-        if self.tracing:
+        if traced:
             span, token = _tracing.start_request(scope)
         try:
             await self._v1(scope, receive, watched, path)

@@ -256,6 +256,27 @@ async def test_a_streamed_turn_ends_its_span_when_the_stream_ends(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["inprocess", "process"])
+async def test_with_the_api_alone_the_callers_context_still_reaches_the_agent(
+    tmp_path: Path, kind: str
+) -> None:
+    """No provider records spans (the API's proxy): a call with a ``traceparent`` hands
+    the caller's context on unchanged; one without is not traced at all."""
+    assert not _tracing.recording()
+    caller = f"00-{'ab' * 16}-{'cd' * 8}-01"
+    async with _served(tmp_path, kind) as (o, client):
+        session = await client.create_session(f"traced-{kind}")
+        plain = await session.invoke({"prompt": "hi"})
+        assert plain.result["traceparent"] is None
+        r = await o.invoke(session.session_id, {"prompt": "hi"}, traceparent=caller)
+        assert r.status_code == 200, r.text
+        seen = r.json()
+        seen = seen.get("result", seen)
+        assert seen["traceparent"] == caller, seen
+        assert seen["trace_id"] == "ab" * 16
+
+
+@pytest.mark.anyio
 async def test_a_failed_turn_is_an_error_span(
     tmp_path: Path, exporter: InMemorySpanExporter
 ) -> None:
