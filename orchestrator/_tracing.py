@@ -32,6 +32,7 @@ invalid and the agent's ``traceparent`` None anyway, at about 20 µs a request.
 from __future__ import annotations
 
 import importlib.util
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -71,6 +72,9 @@ _getter: Any = None
 _context: Any = None
 _propagate: Any = None
 _trace: Any = None
+RECHECK = 1.0
+"""Seconds between looks for a global provider set by the application."""
+_next_check = 0.0
 _recording = False
 """Spans go to a real provider (given to :func:`configure`, or the global one once set)."""
 _waiting: dict[Any, Context] = {}
@@ -79,7 +83,7 @@ _waiting: dict[Any, Context] = {}
 
 def configure(provider: TracerProvider | None = None) -> None:
     """Use ``provider``'s tracer from now on (None: the global provider's, the default)."""
-    global _tracer, _getter, _context, _propagate, _trace, _recording
+    global _tracer, _getter, _context, _propagate, _trace, _recording, _next_check
     from opentelemetry import context, propagate, trace
     from opentelemetry.propagators.textmap import Getter
 
@@ -98,15 +102,21 @@ def configure(provider: TracerProvider | None = None) -> None:
     _getter = AsgiGetter()
     _tracer = trace.get_tracer(NAME, tracer_provider=provider)
     _recording = provider is not None and not isinstance(provider, trace.NoOpTracerProvider)
+    _next_check = 0.0
 
 
 def recording() -> bool:
     """Whether spans reach a provider that may record them: one given to
     :func:`configure`, or a global one set by the application (the API's own
-    proxy and no-op providers record nothing). Once true, true for good."""
-    global _recording
+    proxy and no-op providers record nothing; one set while serving is seen
+    within :data:`RECHECK` seconds). Once true, true for good."""
+    global _recording, _next_check
     if _recording:
         return True
+    now = time.monotonic()
+    if now < _next_check:
+        return False
+    _next_check = now + RECHECK  # the API reads os.environ on every look
     if _trace is None:
         configure()
     provider = _trace.get_tracer_provider()
