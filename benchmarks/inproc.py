@@ -15,7 +15,8 @@ with its own memory object stream per "session" instead.
 
 ``idle``: RSS per idle session. ``gc.collect()``, RSS from
 ``/proc/self/statm``, create ``count`` sessions (``orchestrator``: fresh;
-``orchestrator-used``: each ran one turn and its actor passivated;
+``orchestrator-used``: each ran one turn as the front door runs it, inline for
+an idle session, and any actor it started passivated;
 ``anyio-task``: a task waiting on its own stream), ``gc.collect()``, RSS
 again; the delta over ``count``. With ``--heap``, ``tracemalloc`` traces the
 creation instead: live and peak Python heap bytes per session (tracing
@@ -102,8 +103,15 @@ async def _open_host(workdir: Path) -> tuple[Any, str]:
 
 
 async def _turn(host: Any, session: Any, index: int) -> None:
+    """One turn the way the front door runs it: inline in this task when the session is
+    idle (no actor task is started), else handed to the session's actor."""
     wait_started = _orchestrator("actor").wait_started
-    _, turn = host.submit(session, PAYLOAD, key=f"k{index}", body_hash=b"", request_id=f"r{index}")
+    run = _orchestrator("session_core").Admission.RUN
+    admission, turn = host.submit(
+        session, PAYLOAD, key=f"k{index}", body_hash=b"", request_id=f"r{index}", inline=True
+    )
+    if admission is run:
+        await host.run_inline(session, turn)
     await wait_started(turn)
     if turn.error is not None:
         raise RuntimeError(f"turn failed: {turn.error!r}")
@@ -240,7 +248,7 @@ def _start_timeout(count: int) -> float:
 
 
 async def idle_orchestrator(count: int, workdir: Path, *, used: bool, heap: bool) -> dict[str, Any]:
-    """RSS per idle session: fresh, or after one turn once its actor passivated."""
+    """RSS per idle session: fresh, or after one turn once no actor is left."""
     passivate_after = _orchestrator("actor").PASSIVATE_AFTER
     tenant = _orchestrator("host").SHARED_TENANT
 

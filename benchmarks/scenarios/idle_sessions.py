@@ -9,10 +9,11 @@ minutes when each ran a turn, 5.5-9 GB and 2-3 minutes for the bare
 tasks: about 10 minutes per backend; a count whose estimate does not fit the available
 memory is skipped with a note). Subjects: ``orchestrator`` (sessions created with
 ``Orchestrator.create_session`` on the in-process hello template, never
-used), ``orchestrator-used`` (each also ran one turn, then every actor
-passivated), and the baseline ``anyio-task`` (a bare task waiting on its own
-memory object stream). Target: <= 4 KB (4,096 B) per idle orchestrator
-session, used or not.
+used), ``orchestrator-used`` (each also ran one turn the way an HTTP request
+runs it: inline in the caller's task, the session being idle, so no actor task
+is started; any that was has passivated), and the baseline ``anyio-task``
+(a bare task waiting on its own memory object stream). Target: <= 4 KB
+(4,096 B) per idle orchestrator session, used or not.
 
 One more run per subject and backend at 10,000 (2,000 and the
 orchestrator's subjects only with ``--quick``) traces the creation with
@@ -184,10 +185,9 @@ class IdleSessions:
         notes = [
             "RSS delta / count after gc.collect(), one fresh process per measurement, "
             f"pinned {pinning.to_json()}; 100,000 sessions and more measured once per subject",
-            "orchestrator-used: the first turns run back to back and each actor passivates "
-            "5 s after its turn, so the actors of the last 5 s of turns are alive together "
-            "(all N at 10,000); RSS keeps that high-water mark, the tracemalloc rows show "
-            "what stays allocated",
+            "orchestrator-used: the first turns run back to back, each inline in the "
+            "creating task as the front door runs a turn for an idle session (no actor "
+            "task); the tracemalloc rows tell what stays allocated from high-water marks",
         ]
         if passivate is not None:
             notes.append(f"--quick: actors passivate after {passivate:g} s (not 5 s)")
