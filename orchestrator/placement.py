@@ -134,6 +134,12 @@ class Placement(abc.ABC):
         """Drop what this node remembers of the session's owner (it proved stale)."""
         return None
 
+    def checkpoint_absent(self, tenant: str, session_id: str, *, take: bool = False) -> bool:
+        """True when this node's claim of the session proved it has no checkpoint (the
+        claim read it in the same transaction), so the state store need not be asked;
+        ``take``: the session is being created, the proof is used up."""
+        return False
+
     def check_serving(self) -> None:
         """Raise ServiceUnavailableError while this node must not serve turns (lease lost)."""
         return None

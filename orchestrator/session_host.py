@@ -77,6 +77,8 @@ class Ownership(Protocol):
 
     async def release(self, tenant: str, session_id: str, *, ended: bool = True) -> None: ...
 
+    def checkpoint_absent(self, tenant: str, session_id: str, *, take: bool = False) -> bool: ...
+
 
 def _local_ownership() -> Ownership:
     from .placement import SingleNode
@@ -227,7 +229,11 @@ class SessionHost:
         key = (tenant, sid)
         if key in self._creating or self.directory.get(tenant, sid) is not None:
             raise _Exists(f"session {sid} already exists")
-        if session_id and self.checkpoints.enabled:
+        if (
+            session_id
+            and self.checkpoints.enabled
+            and not self.ownership.checkpoint_absent(tenant, sid, take=True)
+        ):
             ready = self._creating[key] = anyio.Event()
             try:
                 stored = await self.store.load(tenant, sid)
@@ -306,6 +312,8 @@ class SessionHost:
         return await self._restore(tenant, session_id)
 
     async def _restore(self, tenant: str, session_id: str) -> Session | None:
+        if self.ownership.checkpoint_absent(tenant, session_id):
+            return None  # this node's claim just found no checkpoint: a new session
         key = (tenant, session_id)
         ready = self._creating[key] = anyio.Event()
         try:

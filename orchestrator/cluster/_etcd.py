@@ -374,12 +374,16 @@ class Op:
         return cls("delete", body)
 
     @classmethod
-    def range(cls, key: Bytesish, *, prefix: bool = False, limit: int = 0) -> Op:
+    def range(
+        cls, key: Bytesish, *, prefix: bool = False, limit: int = 0, keys_only: bool = False
+    ) -> Op:
         body: dict[str, Any] = {"key": _b(key)}
         if prefix:
             body["range_end"] = prefix_range_end(key)
         if limit:
             body["limit"] = str(limit)
+        if keys_only:
+            body["keys_only"] = True
         return cls("range", body)
 
     def to_json(self) -> dict[str, Any]:

@@ -124,6 +124,8 @@ class ClusterPlacement(Placement):
         self._members = PrefixCache(client, f"{self.prefix}/members/".encode())
         self._owners = PrefixCache(client, f"{self.prefix}/owners/".encode())
         self._claims: dict[tuple[str, str], int] = {}  # my claims: their create revisions
+        self._absent: set[tuple[str, str]] = set()
+        """My claims whose transaction found no checkpoint (see :meth:`checkpoint_absent`)."""
         self._serving = False
         self.joined = anyio.Event()
 
@@ -167,6 +169,7 @@ class ClusterPlacement(Placement):
         self.keeper = keeper
         self.incarnation = _b36(result.revision)
         self._claims.clear()
+        self._absent.clear()
         self._serving = True
         self.joined.set()
         logger.info(
@@ -291,7 +294,13 @@ class ClusterPlacement(Placement):
         return None  # its home node is gone: whoever is asked claims it
 
     async def claim(self, tenant: str, session_id: str) -> Owner:
-        """One transaction: mine if nobody owns it, else whoever does."""
+        """One transaction: mine if nobody owns it, else whoever does.
+
+        Won, it also reads the session's checkpoint key: absent, the session is new
+        and creating it here asks the state store nothing (:meth:`checkpoint_absent`).
+        Nobody else writes that key while the claim holds (checkpoints are fenced
+        by it), so the answer stays true until this node creates the session.
+        """
         self.check_serving()
         assert self.keeper is not None
         key = owner_key(self.prefix, tenant, session_id)
@@ -304,8 +313,14 @@ class ClusterPlacement(Placement):
             )
         value = json.dumps({"node": self.node_id, "incarnation": self.incarnation}).encode()
         try:
+            checkpoint = session_key(self.prefix, tenant, session_id)
             result = await self.client.txn(
-                compares, [Op.put(key, value, lease=self.keeper.lease_id)], [Op.range(key)]
+                compares,
+                [
+                    Op.put(key, value, lease=self.keeper.lease_id),
+                    Op.range(checkpoint, keys_only=True),
+                ],
+                [Op.range(key)],
             )
         except EtcdError as exc:
             raise ServiceUnavailableError(
@@ -315,6 +330,9 @@ class ClusterPlacement(Placement):
             ) from None
         if result.succeeded:
             self._claims[(tenant, session_id)] = result.revision
+            found = result.responses[1] if len(result.responses) > 1 else None
+            if isinstance(found, RangeResult) and not found.kvs:
+                self._absent.add((tenant, session_id))
             return Owner(self.node_id, True, None, ("claim", key, result.revision))
         existing = result.responses[0] if result.responses else None
         if isinstance(existing, RangeResult) and existing.kvs:
@@ -336,6 +354,7 @@ class ClusterPlacement(Placement):
 
     async def release(self, tenant: str, session_id: str, *, ended: bool = True) -> None:
         """Give up this node's claim (closed, or let go of: either way another may take it)."""
+        self._absent.discard((tenant, session_id))
         revision = self._claims.pop((tenant, session_id), None)
         if revision is None:
             return
@@ -349,6 +368,18 @@ class ClusterPlacement(Placement):
 
     def forget(self, tenant: str, session_id: str) -> None:
         self._claims.pop((tenant, session_id), None)
+        self._absent.discard((tenant, session_id))
+
+    def checkpoint_absent(self, tenant: str, session_id: str, *, take: bool = False) -> bool:
+        key = (tenant, session_id)
+        if key not in self._absent:
+            return False
+        if key not in self._claims:  # the claim is gone: so is what it proved
+            self._absent.discard(key)
+            return False
+        if take:
+            self._absent.discard(key)
+        return True
 
     def fence(self, tenant: str, session_id: str) -> Fence | None:
         owner = self.owner(tenant, session_id)

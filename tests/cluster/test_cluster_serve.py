@@ -55,7 +55,7 @@ import httpx
 import pytest
 
 from ppio_sandbox.orchestrator.cluster._etcd import EtcdClient
-from ppio_sandbox.orchestrator.cluster.membership import ClusterPlacement
+from ppio_sandbox.orchestrator.cluster.membership import ClusterPlacement, session_key
 from tests.e2e.test_orchestrator_serve import ServeProcess, _wait_for, descendants, template_args
 
 from .etcd_cluster import EtcdCluster
@@ -1155,4 +1155,31 @@ async def test_racing_claims_on_one_node_and_across_nodes_have_one_winner(
                 assert owner.node == winner
         for node in nodes:
             await node.close()
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_won_claim_tells_whether_the_session_has_a_checkpoint(
+    etcd_cluster: EtcdCluster, key_prefix: str
+) -> None:
+    """The claim's transaction reads the checkpoint key too: a new session is created
+    without asking the state store, one with a checkpoint is restored from it."""
+    async with EtcdClient(etcd_cluster.endpoints) as etcd, anyio.create_task_group() as tg:
+        node = ClusterPlacement(etcd, node_id="a", address="http://a.invalid", prefix=key_prefix)
+        await node.start(tg)
+        await etcd.put(session_key(node.prefix, "acme", "kept"), b"a checkpoint")
+
+        assert (await node.claim("acme", "fresh")).local
+        assert node.checkpoint_absent("acme", "fresh")
+        assert node.checkpoint_absent("acme", "fresh", take=True)  # created: used up
+        assert not node.checkpoint_absent("acme", "fresh")
+
+        assert (await node.claim("acme", "kept")).local
+        assert not node.checkpoint_absent("acme", "kept")  # restore it from etcd
+        assert not node.checkpoint_absent("other-tenant", "fresh")
+
+        assert (await node.claim("acme", "let-go")).local
+        await node.release("acme", "let-go", ended=False)  # another node may create it now
+        assert not node.checkpoint_absent("acme", "let-go")
+        await node.close()
         tg.cancel_scope.cancel()
