@@ -364,7 +364,9 @@ def _placement(options: ServeOptions, bind: str) -> tuple[Placement, str | None,
         )
         store: StateStore | None = None
         if options.durability != "none":
-            store = EtcdStateStore(client, retry_after=cluster.retry_after)
+            # One prefix for both: a won claim reads the store's key for the session
+            # (ClusterPlacement.checkpoint_absent).
+            store = EtcdStateStore(client, cluster.prefix, retry_after=cluster.retry_after)
         return cluster, internal, store
     if options.worker_index is not None:
         workers = WorkerSet(options.worker_index, options.workers, options.data_dir / "run")
