@@ -98,26 +98,38 @@ def warned(caplog: pytest.LogCaptureFixture, *words: str) -> bool:
     )
 
 
-def processes_of_uid(uid: int) -> list[int]:
+def boot_ticks() -> int:
+    """Now, in clock ticks since boot (the unit of a process's start time in /proc)."""
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def processes_of_uid(uid: int, started_before: int | None = None) -> list[int]:
+    """Processes running as ``uid``; only those started before ``started_before``
+    (:func:`boot_ticks`) if given: once a sandbox has released its uid, a test in
+    another process may lease it for a sandbox of its own."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 status = Path(f"/proc/{entry}/status").read_text()
-            except OSError:
+                started = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[19])
+            except (OSError, IndexError, ValueError):
                 continue
-            if f"\nUid:\t{uid}\t" in status:
+            if f"\nUid:\t{uid}\t" in status and (
+                started_before is None or started < started_before
+            ):
                 found.append(int(entry))
     return found
 
 
-def assert_left_nothing(facts: dict[str, Any]) -> None:
-    """Nothing of a closed sandbox remains: its process, uid, cgroup, files."""
+def assert_left_nothing(facts: dict[str, Any], closing: int) -> None:
+    """Nothing of a sandbox closed at ``closing`` (:func:`boot_ticks`) remains: its
+    process, uid, cgroup, files."""
     pid = facts["pid"]
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     if facts["uid"] is not None:
-        assert processes_of_uid(facts["uid"]) == []
+        assert processes_of_uid(facts["uid"], started_before=closing) == []
     for directory in facts["cgroups"]:
         assert not directory.exists(), f"cgroup {directory} was not removed"
     assert not Path(facts["workdir"]).exists()
@@ -142,8 +154,9 @@ async def sandbox(data_dir: Path, **options: Any) -> AsyncIterator[ProcessSandbo
         facts = facts_of(sb)
         yield sb
     finally:
+        closing = boot_ticks()
         await sb.close()
-    assert_left_nothing(facts)
+    assert_left_nothing(facts, closing)
 
 
 async def run(sb: ProcessSandbox, op: str, **fields: Any) -> Any:
@@ -455,6 +468,7 @@ async def test_a_sigkilled_orchestrator_takes_its_sandboxes_with_it(data_dir: Pa
         facts = json.loads(line)
         os.kill(facts["pid"], 0)  # the sandbox runs
     finally:
+        killed = boot_ticks()
         probe.kill()
         probe.wait()
 
@@ -466,7 +480,9 @@ async def test_a_sigkilled_orchestrator_takes_its_sandboxes_with_it(data_dir: Pa
         return state not in ("Z", "X")
 
     with anyio.fail_after(5):
-        while alive(facts["pid"]) or (facts["uid"] and processes_of_uid(facts["uid"])):
+        while alive(facts["pid"]) or (
+            facts["uid"] and processes_of_uid(facts["uid"], started_before=killed)
+        ):
             await anyio.sleep(0.01)
     for directory in facts["cgroups"]:  # the dead orchestrator could not remove them
         with anyio.fail_after(5):
@@ -576,10 +592,11 @@ async def test_through_the_orchestrator_attempts_fail_and_the_next_turn_is_serve
         assert ping.json()["status"] == "Paused"
         await o.client.post(f"/v1/sessions/{sid}/resume")
         assert (await turn("echo")).status_code == 200
+        closing = boot_ticks()
     listener.close()
     # Nothing of any sandbox survives the orchestrator.
     for uid in uids - {os.geteuid()}:
-        assert processes_of_uid(uid) == []
+        assert processes_of_uid(uid, started_before=closing) == []
     assert sorted(p.name for p in (data_dir / "sandboxes").iterdir()) == [".ppio-python"]
 
 
