@@ -78,18 +78,23 @@ METRICS = [
 ]
 
 
+def session_counts(variable: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """The N to measure: ``$variable`` (comma-separated, each >= 1) or ``default``."""
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        counts = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{variable}={raw!r}: expected comma-separated integers") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"{variable}={raw!r}: every N must be >= 1")
+    return counts
+
+
 def sessions_for(config: RunConfig) -> tuple[int, ...]:
     """The N to measure: ``$BENCH_AGENT_SESSIONS`` or the quick or full defaults."""
-    raw = os.environ.get(ENV_SESSIONS, "").strip()
-    if raw:
-        try:
-            counts = tuple(int(part) for part in raw.split(","))
-        except ValueError:
-            raise ValueError(f"{ENV_SESSIONS}={raw!r}: expected comma-separated integers") from None
-        if not counts or min(counts) < 1:
-            raise ValueError(f"{ENV_SESSIONS}={raw!r}: every N must be >= 1")
-        return counts
-    return (50, 200) if config.quick else (100, 1_000, 10_000)
+    return session_counts(ENV_SESSIONS, (50, 200) if config.quick else (100, 1_000, 10_000))
 
 
 def _repetitions(config: RunConfig, sessions: int) -> int:
@@ -200,8 +205,8 @@ def _point(
         line.add(sessions, spread.median, spread.min, spread.max)
 
 
-def _series(samples: list[dict[str, Any]]) -> list[Series]:
-    """turns/s (achieved and ideal), overhead p50/p99 and RSS per session against N."""
+def hosting_series() -> tuple[Series, Series]:
+    """The two plots of a hosting workload against N: turns/s, overhead p50/p99."""
     throughput = Series(
         "throughput",
         "turns/s vs concurrent sessions",
@@ -218,6 +223,12 @@ def _series(samples: list[dict[str, Any]]) -> list[Series]:
         x_log=True,
         y_log=True,
     )
+    return throughput, overhead
+
+
+def _series(samples: list[dict[str, Any]]) -> list[Series]:
+    """turns/s (achieved and ideal), overhead p50/p99 and RSS per session against N."""
+    throughput, overhead = hosting_series()
     memory = Series("memory", "orchestrator RSS per session", "sessions", "KiB", x_log=True)
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for sample in samples:

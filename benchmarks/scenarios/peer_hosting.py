@@ -40,7 +40,6 @@ Reported, not judged.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -78,6 +77,8 @@ from .agent_hosting import (
     _point,
     _ramp_timeout,
     describe,
+    hosting_series,
+    session_counts,
 )
 
 __all__ = ["PeerHosting"]
@@ -137,16 +138,7 @@ KINDS = (ORCHESTRATOR_KIND, RAY_STREAM, RAY_REPLY)
 
 def sessions_for(config: RunConfig) -> tuple[int, ...]:
     """The N to measure: ``$BENCH_PEER_SESSIONS`` or the quick or full defaults."""
-    raw = os.environ.get(ENV_SESSIONS, "").strip()
-    if raw:
-        try:
-            counts = tuple(int(part) for part in raw.split(","))
-        except ValueError:
-            raise ValueError(f"{ENV_SESSIONS}={raw!r}: expected comma-separated integers") from None
-        if not counts or min(counts) < 1:
-            raise ValueError(f"{ENV_SESSIONS}={raw!r}: every N must be >= 1")
-        return counts
-    return QUICK_SESSIONS if config.quick else SESSIONS
+    return session_counts(ENV_SESSIONS, QUICK_SESSIONS if config.quick else SESSIONS)
 
 
 def _kinds(config: RunConfig) -> tuple[_Kind, ...]:
@@ -284,22 +276,7 @@ def _compare(measures: list[Measure], counts: tuple[int, ...]) -> None:
 
 def _series(samples: list[dict[str, Any]]) -> list[Series]:
     """turns/s (and the ideal), overhead p50/p99 and CPU per turn against N, per subject."""
-    throughput = Series(
-        "throughput",
-        "turns/s vs concurrent sessions",
-        "sessions",
-        "turns/s",
-        x_log=True,
-        y_log=True,
-    )
-    overhead = Series(
-        "overhead",
-        "per-turn overhead (latency - think) vs sessions (p50 dashed, p99 solid)",
-        "sessions",
-        "ms",
-        x_log=True,
-        y_log=True,
-    )
+    throughput, overhead = hosting_series()
     cpu = Series(
         "cpu-per-turn",
         "CPU per turn, server + load generator (server alone dashed)",

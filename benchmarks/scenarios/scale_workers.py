@@ -50,7 +50,6 @@ that does not follow ``X-PPIO-Owner`` gets.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 from .. import agentgen, loadgen
@@ -90,6 +89,7 @@ from .agent_hosting import (
     THINK_MS,
     _metrics,
     _ramp_timeout,
+    session_counts,
 )
 from .agent_hosting import describe as describe_agents
 
@@ -115,16 +115,7 @@ BODY = b'{"query":"hello"}'
 
 def sessions_for(config: RunConfig) -> tuple[int, ...]:
     """The N to measure: ``$BENCH_SCALE_SESSIONS`` or the quick or full defaults."""
-    raw = os.environ.get(ENV_SESSIONS, "").strip()
-    if raw:
-        try:
-            counts = tuple(int(part) for part in raw.split(","))
-        except ValueError:
-            raise ValueError(f"{ENV_SESSIONS}={raw!r}: expected comma-separated integers") from None
-        if not counts or min(counts) < 1:
-            raise ValueError(f"{ENV_SESSIONS}={raw!r}: every N must be >= 1")
-        return counts
-    return (100,) if config.quick else (1_000, 10_000)
+    return session_counts(ENV_SESSIONS, (100,) if config.quick else (1_000, 10_000))
 
 
 def _repetitions(config: RunConfig, sessions: int) -> int:
