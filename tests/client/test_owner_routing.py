@@ -42,8 +42,9 @@ from ppio_sandbox.client import (
 )
 from ppio_sandbox.client._owners import OwnerRoutes, owner_url
 from ppio_sandbox.orchestrator.routing import Router
+from tests.e2e.helpers import refused_port
 
-from .conftest import Running, free_port, tcp_orchestrator
+from .conftest import Running, tcp_orchestrator
 from .faultproxy import FaultProxy, Reply
 
 LEDGER = Path(__file__).parent / "agents" / "ledger"
@@ -310,7 +311,12 @@ async def test_after_one_reply_a_sessions_requests_go_straight_to_its_owner(
 async def test_a_dead_owner_falls_back_to_the_front_and_the_turn_runs_once(
     tmp_path: Path,
 ) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with refused_port() as port:
+        dead = f"http://127.0.0.1:{port}"  # nothing listens there, nor can
+        await _dead_owner_falls_back(tmp_path, dead)
+
+
+async def _dead_owner_falls_back(tmp_path: Path, dead: str) -> None:
     async with rig(tmp_path) as r, r.client(max_retries=0) as client:
         (owner,) = r.owners
         r.front.nodes["conv"] = r.node(0, dead)

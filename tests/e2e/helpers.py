@@ -36,6 +36,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A 127.0.0.1 port that refuses connections for as long as the block runs.
+
+    The socket stays bound but never listens, so a connection gets a reset and
+    no other server (say, one a parallel test starts) can take the port in the
+    meantime: a port from :func:`free_port` has no such guarantee.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool]], *, timeout: float, interval: float = 0.01
 ) -> float:

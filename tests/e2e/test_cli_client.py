@@ -32,7 +32,7 @@ import yaml
 from ppio_sandbox.client._agent_yaml import replace_status
 from ppio_sandbox.client._cli import Output
 from ppio_sandbox.orchestrator.cli import main
-from tests.e2e.helpers import free_port
+from tests.e2e.helpers import refused_port
 from tests.e2e.test_orchestrator_serve import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -312,8 +312,9 @@ def test_errors_are_one_line_naming_the_class(
     slow = fails(f"agent invoke --template-id echo --timeout 0.3 --input-json {sleep}")
     assert slow.startswith("error: InvocationTimeoutError: ")
     assert time.monotonic() - started < 2.5
-    nobody = f"http://127.0.0.1:{free_port()}"
-    unreachable = fails(f"agent list --base-url {nobody}")
+    with refused_port() as port:
+        nobody = f"http://127.0.0.1:{port}"
+        unreachable = fails(f"agent list --base-url {nobody}")
     assert unreachable.startswith(f"error: ServiceUnavailableError: cannot reach {nobody}")
     bad_url = fails("agent list --base-url ftp://x")
     assert bad_url.startswith("error: ValueError: base_url must start with http://")
