@@ -82,6 +82,33 @@ def session_key(prefix: str, tenant: str, session_id: str) -> bytes:
     return f"{prefix}/sessions/{_part(tenant)}/{session_id}".encode()
 
 
+_CLAIMS_PER_TXN = 40
+"""Claims per transaction: 2 compares and 2 ops each, under etcd's 128 ops a txn."""
+
+
+class _Claim:
+    """A claim asked for and not settled yet; every request for the id waits on it."""
+
+    __slots__ = ("done", "error", "owner", "session_id", "tenant")
+
+    def __init__(self, tenant: str, session_id: str) -> None:
+        self.tenant = tenant
+        self.session_id = session_id
+        self.done = anyio.Event()
+        self.owner: Owner | None = None
+        self.error: Exception | None = None
+
+    def settle(self, owner: Owner) -> None:
+        if not self.done.is_set():
+            self.owner = owner
+            self.done.set()
+
+    def fail(self, error: Exception) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
 def _b36(number: int) -> str:
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     out = ""
@@ -126,6 +153,11 @@ class ClusterPlacement(Placement):
         self._claims: dict[tuple[str, str], int] = {}  # my claims: their create revisions
         self._absent: set[tuple[str, str]] = set()
         """My claims whose transaction found no checkpoint (see :meth:`checkpoint_absent`)."""
+        self._claiming: dict[tuple[str, str], _Claim] = {}  # asked for, not settled yet
+        self._queued: list[_Claim] = []  # of those, not sent yet
+        self._claims_wanted = anyio.Event()
+        # A claim waits for at most its group's transaction and the one before it.
+        self._claim_wait = 2 * client.timeout + 1.0
         self._serving = False
         self.joined = anyio.Event()
 
@@ -136,6 +168,7 @@ class ClusterPlacement(Placement):
         await tg.start(self._owners.run)
         await self._join()
         tg.start_soon(self._keep)
+        tg.start_soon(self._commit_claims)
 
     async def _join(self) -> None:
         """Put this node's member key under a fresh lease (waiting out a previous life)."""
@@ -300,57 +333,146 @@ class ClusterPlacement(Placement):
         and creating it here asks the state store nothing (:meth:`checkpoint_absent`).
         Nobody else writes that key while the claim holds (checkpoints are fenced
         by it), so the answer stays true until this node creates the session.
+
+        Claims are committed in groups: those asked for while a transaction is in
+        flight go together in the next one (up to ``_CLAIMS_PER_TXN``), so many
+        callers creating sessions at once cost etcd one raft write per group, not
+        one each. Two requests here for one id share one claim.
         """
         self.check_serving()
-        assert self.keeper is not None
-        key = owner_key(self.prefix, tenant, session_id)
-        compares = [Compare.create_revision(key, "==", 0)]
-        home = home_of(session_id)
-        if home is not None and "." in home:
-            node, _, incarnation = home.rpartition(".")
-            compares.append(
-                Compare.create_revision(member_key(self.prefix, node), "!=", _rev(incarnation))
-            )
-        value = json.dumps({"node": self.node_id, "incarnation": self.incarnation}).encode()
-        try:
-            checkpoint = session_key(self.prefix, tenant, session_id)
-            result = await self.client.txn(
-                compares,
-                [
-                    Op.put(key, value, lease=self.keeper.lease_id),
-                    Op.range(checkpoint, keys_only=True),
-                ],
-                [Op.range(key)],
-            )
-        except EtcdError as exc:
+        key = (tenant, session_id)
+        pending = self._claiming.get(key)
+        if pending is None:
+            pending = self._claiming[key] = _Claim(tenant, session_id)
+            self._queued.append(pending)
+            self._claims_wanted.set()
+        with anyio.move_on_after(self._claim_wait):
+            await pending.done.wait()
+        if not pending.done.is_set():
             raise ServiceUnavailableError(
                 f"session {session_id} cannot be placed: the cluster's coordinator (etcd) "
-                f"did not answer ({exc})",
+                f"did not answer within {self._claim_wait:g} s",
                 retry_after=self.retry_after,
-            ) from None
-        if result.succeeded:
-            self._claims[(tenant, session_id)] = result.revision
-            found = result.responses[1] if len(result.responses) > 1 else None
-            if isinstance(found, RangeResult) and not found.kvs:
-                self._absent.add((tenant, session_id))
-            return Owner(self.node_id, True, None, ("claim", key, result.revision))
-        existing = result.responses[0] if result.responses else None
-        if isinstance(existing, RangeResult) and existing.kvs:
-            kv = existing.kvs[0]
-            holder = json.loads(kv.value)
-            if holder.get("node") == self.node_id:
-                if holder.get("incarnation") == self.incarnation:
-                    # Two requests here raced to claim it and the other one won: it is ours.
-                    revision = self._claims.setdefault((tenant, session_id), kv.create_revision)
-                    return Owner(self.node_id, True, None, ("claim", key, revision))
-                raise ServiceUnavailableError(
-                    f"session {session_id} is still held by this node's previous life; "
-                    "it is released within the lease TTL",
-                    retry_after=self.retry_after,
+            )
+        if pending.error is not None:
+            raise pending.error
+        assert pending.owner is not None
+        return pending.owner
+
+    async def _commit_claims(self) -> None:
+        """The one task that sends claims to etcd, a group per transaction."""
+        try:
+            while True:
+                await self._claims_wanted.wait()
+                self._claims_wanted = anyio.Event()
+                while self._queued:
+                    group = self._queued[:_CLAIMS_PER_TXN]
+                    del self._queued[: len(group)]
+                    try:
+                        await self._settle(group)
+                    except Exception as exc:  # a bug: told to every caller, not lost
+                        for pending in group:
+                            pending.fail(exc)
+                    finally:
+                        for pending in group:
+                            if not pending.done.is_set():  # cancelled mid-way
+                                pending.fail(self._not_placed(pending, "stopped"))
+                            self._claiming.pop((pending.tenant, pending.session_id), None)
+        finally:
+            for pending in self._queued:
+                pending.fail(self._not_placed(pending, "stopped"))
+                self._claiming.pop((pending.tenant, pending.session_id), None)
+            self._queued.clear()
+
+    def _not_placed(self, pending: _Claim, why: str) -> ServiceUnavailableError:
+        return ServiceUnavailableError(
+            f"session {pending.session_id} cannot be placed: the cluster's coordinator "
+            f"(etcd) did not answer ({why})",
+            retry_after=self.retry_after,
+        )
+
+    async def _settle(self, group: list[_Claim]) -> None:
+        """Claim ``group`` in one transaction. If it fails, those whose ids are held
+        learn their holder and the rest go again as a group; if none was held, an
+        id's home node is alive: those with a home go one by one (all rare races)."""
+        assert self.keeper is not None
+        value = json.dumps({"node": self.node_id, "incarnation": self.incarnation}).encode()
+        compares: list[Compare] = []
+        success: list[Op] = []
+        failure: list[Op] = []
+        for pending in group:
+            key = owner_key(self.prefix, pending.tenant, pending.session_id)
+            compares.append(Compare.create_revision(key, "==", 0))
+            home = home_of(pending.session_id)
+            if home is not None and "." in home:
+                node, _, incarnation = home.rpartition(".")
+                compares.append(
+                    Compare.create_revision(member_key(self.prefix, node), "!=", _rev(incarnation))
                 )
-            return self._owner_of_member(str(holder.get("node")))
-        assert home is not None  # the home incarnation is alive
-        return self._owner_of_member(home.rpartition(".")[0])
+            checkpoint = session_key(self.prefix, pending.tenant, pending.session_id)
+            success += [
+                Op.put(key, value, lease=self.keeper.lease_id),
+                Op.range(checkpoint, keys_only=True),
+            ]
+            failure.append(Op.range(key))
+        try:
+            result = await self.client.txn(compares, success, failure)
+        except EtcdError as exc:
+            for pending in group:
+                pending.fail(self._not_placed(pending, str(exc)))
+            return
+        if result.succeeded:
+            for i, pending in enumerate(group):
+                mine = (pending.tenant, pending.session_id)
+                self._claims[mine] = result.revision
+                found = result.responses[2 * i + 1] if len(result.responses) > 2 * i + 1 else None
+                if isinstance(found, RangeResult) and not found.kvs:
+                    self._absent.add(mine)
+                fence = ("claim", owner_key(self.prefix, *mine), result.revision)
+                pending.settle(Owner(self.node_id, True, None, fence))
+            return
+        unknown = []
+        for i, pending in enumerate(group):
+            existing = result.responses[i] if len(result.responses) > i else None
+            if isinstance(existing, RangeResult) and existing.kvs:
+                try:
+                    pending.settle(self._held(pending, existing.kvs[0]))
+                except ServiceUnavailableError as exc:
+                    pending.fail(exc)
+            elif len(group) == 1:  # not held: its home incarnation is alive
+                home = home_of(pending.session_id)
+                assert home is not None
+                pending.settle(self._owner_of_member(home.rpartition(".")[0]))
+            else:
+                unknown.append(pending)
+        if len(unknown) < len(group):  # the held ones are out: the rest as a group again
+            if unknown:
+                await self._settle(unknown)
+            return
+        # Nothing was held, so an id's home incarnation is alive: find which, one by one.
+        homed = [pending for pending in unknown if "." in (home_of(pending.session_id) or "")]
+        for pending in homed:
+            await self._settle([pending])
+        rest = [pending for pending in unknown if pending not in homed]
+        if rest:
+            await self._settle(rest)
+
+    def _held(self, pending: _Claim, kv: KeyValue) -> Owner:
+        """Who holds a claim that exists already."""
+        holder = json.loads(kv.value)
+        if holder.get("node") == self.node_id:
+            if holder.get("incarnation") == self.incarnation:
+                # A claim from here won earlier (a retry of an unanswered one): it is ours.
+                key = (pending.tenant, pending.session_id)
+                revision = self._claims.setdefault(key, kv.create_revision)
+                fence = ("claim", owner_key(self.prefix, *key), revision)
+                return Owner(self.node_id, True, None, fence)
+            raise ServiceUnavailableError(
+                f"session {pending.session_id} is still held by this node's previous life; "
+                "it is released within the lease TTL",
+                retry_after=self.retry_after,
+            )
+        return self._owner_of_member(str(holder.get("node")))
 
     async def release(self, tenant: str, session_id: str, *, ended: bool = True) -> None:
         """Give up this node's claim (closed, or let go of: either way another may take it)."""

@@ -1159,6 +1159,56 @@ async def test_racing_claims_on_one_node_and_across_nodes_have_one_winner(
 
 
 @pytest.mark.anyio
+async def test_claims_asked_for_at_once_share_transactions_and_each_gets_its_owner(
+    etcd_cluster: EtcdCluster, key_prefix: str
+) -> None:
+    """Many sessions claimed at once go to etcd in groups (one raft write per group:
+    the claims of a group share a revision). A group with an id another node holds
+    still settles every claim right: that one goes to its holder, the rest here."""
+    async with EtcdClient(etcd_cluster.endpoints) as etcd, anyio.create_task_group() as tg:
+        a, b = (
+            ClusterPlacement(
+                etcd, node_id=name, address=f"http://{name}.invalid", prefix=key_prefix
+            )
+            for name in ("a", "b")
+        )
+        for node in (a, b):
+            await node.start(tg)
+        held = {f"s-{i}" for i in range(0, 100, 7)}
+        for sid in held:
+            assert (await b.claim("acme", sid)).local
+        await etcd.put(session_key(a.prefix, "acme", "s-1"), b"a checkpoint")
+
+        owners: dict[str, list[Any]] = {}
+
+        async def claim(sid: str) -> None:
+            owners.setdefault(sid, []).append(await a.claim("acme", sid))
+
+        async with anyio.create_task_group() as claiming:
+            for i in range(100):
+                claiming.start_soon(claim, f"s-{i}")
+            claiming.start_soon(claim, "s-2")  # asked for twice: one claim
+        assert len(owners) == 100
+        mine: set[Any] = set()
+        for sid, got in owners.items():
+            for owner in got:
+                assert (owner.node, owner.local) == (("b", False) if sid in held else ("a", True))
+                if owner.local:
+                    mine.add(owner.fence)
+                    assert a.owner("acme", sid) == owner
+        assert len(owners["s-2"]) == 2
+        assert len(mine) == 100 - len(held)  # s-2 once
+        # 86 claims at once, 40 to a transaction at most: a few raft writes, not 86.
+        revisions = {fence[2] for fence in mine}
+        assert len(revisions) <= 10, sorted(revisions)
+        assert not a.checkpoint_absent("acme", "s-1")
+        assert a.checkpoint_absent("acme", "s-3")
+        for node in (a, b):
+            await node.close()
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
 async def test_a_won_claim_tells_whether_the_session_has_a_checkpoint(
     etcd_cluster: EtcdCluster, key_prefix: str
 ) -> None:
