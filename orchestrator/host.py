@@ -313,8 +313,8 @@ class Orchestrator:
 
     # -- the session host's provisioner (the template service) --------------
 
-    async def template_by_id(self, template_id: str, tenant: str = SHARED_TENANT) -> Any:
+    async def template_by_id(self, template_id: str, tenant: str) -> Any:
         return await self.template_service.template_by_id(template_id, tenant)
 
-    def turn_timeout(self, template_id: str) -> float:
-        return self.template_service.turn_timeout(template_id)
+    def turn_timeout(self, template_id: str, tenant: str) -> float:
+        return self.template_service.turn_timeout(template_id, tenant)

@@ -59,11 +59,11 @@ class Provisioner(Protocol):
 
     async def resolve_template(self, agent_id: str, tenant: str) -> Any: ...
 
-    async def template_by_id(self, template_id: str, tenant: str = ...) -> Any: ...
+    async def template_by_id(self, template_id: str, tenant: str) -> Any: ...
 
     async def provider_for(self, template: Any) -> SandboxProvider: ...
 
-    def turn_timeout(self, template_id: str) -> float: ...
+    def turn_timeout(self, template_id: str, tenant: str) -> float: ...
 
 
 class Ownership(Protocol):
@@ -622,7 +622,7 @@ class SessionHost:
 
     def turn_timeout(self, session: Session) -> float:
         """The template's ``spec.runtime.timeout`` for each turn."""
-        return self.provisioner.turn_timeout(session.template_id)
+        return self.provisioner.turn_timeout(session.template_id, session.tenant)
 
     def turn_started(self) -> None:
         self.running_turns += 1
@@ -680,7 +680,7 @@ class SessionHost:
             return
         logger.warning("session %s: sandbox crashed, restarting", session.session_id)
         try:
-            template = await self.provisioner.template_by_id(session.template_id)
+            template = await self.provisioner.template_by_id(session.template_id, session.tenant)
             provider = await self.provisioner.provider_for(template)
             with anyio.fail_after(self.start_timeout):
                 session.sandbox = await provider.create(session.session_id, session.env_vars)

@@ -53,7 +53,7 @@ class TemplateService:
         self._check_accepting = accepting
         self._providers: dict[str, SandboxProvider] = {}
         self._provider_locks: dict[str, anyio.Lock] = {}
-        self._turn_timeouts: dict[str, float] = {}
+        self._turn_timeouts: dict[tuple[str, str], float] = {}  # (owner, template id)
         self._building: set[tuple[str, str]] = set()
         self._resolved: dict[tuple[str, str], Any] = {}
         self._template_generation = 0
@@ -83,10 +83,11 @@ class TemplateService:
     async def provider_for(self, template: Any) -> SandboxProvider:
         """The (opened) sandbox provider of a template, created on first use.
 
-        Keyed by id *and* content digest: a template redeployed in place
-        under an explicit id gets a fresh provider running the new code.
+        Keyed by owner, id *and* content digest: a template redeployed in place
+        under an explicit id gets a fresh provider running the new code, and two
+        tenants' templates never share one (nor a warm pool), even under one id.
         """
-        key = f"{template.id}@{template.digest}"
+        key = f"{_scope(template)}{template.digest}"
         provider = self._providers.get(key)
         if provider is not None:
             return provider
@@ -94,13 +95,14 @@ class TemplateService:
         async with lock:
             provider = self._providers.get(key)
             if provider is None:
-                stale = [k for k in self._providers if k.startswith(f"{template.id}@")]
+                stale = [k for k in self._providers if k.startswith(_scope(template))]
                 for old in stale:
                     self.spawn(self._providers.pop(old).aclose)
                 provider = self._make_provider(template)
                 await provider.open()
                 self._providers[key] = provider
-                self._turn_timeouts[template.id] = float(template.spec.runtime.timeout)
+                timeout = float(template.spec.runtime.timeout)
+                self._turn_timeouts[(template.tenant, template.id)] = timeout
         return provider
 
     def _make_provider(self, template: Any) -> SandboxProvider:
@@ -238,7 +240,7 @@ class TemplateService:
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             logger.warning("template %s failed its smoke test: %s", template.id, message)
-            await self.drop_provider(template.id)
+            await self.drop_provider(template)
             self._templates_changed()
             await self.templates.set_phase(
                 template.id, "failed", error=message, log=message[-4096:], tenant=tenant
@@ -260,32 +262,46 @@ class TemplateService:
     async def delete_template(self, template: Any, tenant: str) -> None:
         """Close the tenant's sessions of it, stop its sandboxes, forget it.
 
-        Two tenants who uploaded the same content share its id (and files):
-        one's delete leaves the other's template, sessions and sandboxes be.
+        Template ids are per tenant (two tenants may hold one id, and do when they
+        upload the same content): one's delete leaves the other's template,
+        sessions and sandboxes be.
         """
         await self._close_sessions(template.id, tenant, "closed: its template was deleted")
         await self.templates.delete(template.id, tenant)
         if self.template_index is not None:
             await self.template_index.unpublish(template)
         self._templates_changed()
-        if not any(t.id == template.id for t in await self.templates.list()):
-            await self.drop_provider(template.id)
+        await self.drop_provider(template)
 
-    async def drop_provider(self, template_id: str) -> None:
-        for key in [k for k in self._providers if k.startswith(f"{template_id}@")]:
+    async def drop_provider(self, template: Any) -> None:
+        """Close the sandbox providers of this template of its owner (every version)."""
+        for key in [k for k in self._providers if k.startswith(_scope(template))]:
             await self._providers.pop(key).aclose()
 
     # -- the session host's provisioner --------------------------------------
 
-    async def template_by_id(self, template_id: str, tenant: str = SHARED_TENANT) -> Any:
-        try:
-            return await self.templates.get(template_id)
-        except TemplateNotFoundError:
-            template = await self._fetch(template_id, tenant)
-            if template is None:
-                raise
-            return template
+    async def template_by_id(self, template_id: str, tenant: str) -> Any:
+        """The template a session of ``tenant`` runs: the tenant's own of that id,
+        else the shared one (as :meth:`resolve_template` chose when it was created)."""
+        for owner in dict.fromkeys((tenant, SHARED_TENANT)):
+            try:
+                return await self.templates.get(template_id, owner)
+            except TemplateNotFoundError:
+                pass
+        template = await self._fetch(template_id, tenant)
+        if template is None:
+            raise TemplateNotFoundError(f"template {template_id!r} not found")
+        return template
 
-    def turn_timeout(self, template_id: str) -> float:
-        """The template's ``spec.runtime.timeout`` for each turn."""
-        return self._turn_timeouts.get(template_id, 300.0)
+    def turn_timeout(self, template_id: str, tenant: str) -> float:
+        """The template's ``spec.runtime.timeout`` for each turn of a session of ``tenant``."""
+        timeouts = self._turn_timeouts
+        found = timeouts.get((tenant, template_id))
+        if found is None:
+            found = timeouts.get((SHARED_TENANT, template_id), 300.0)
+        return found
+
+
+def _scope(template: Any) -> str:
+    """The start of the keys of a template's providers: its owner and id."""
+    return f"{template.tenant}/{template.id}@"

@@ -23,8 +23,9 @@ is a template id or a bare name; a name resolves to the most recently
 deployed template with that name (:meth:`TemplateStore.resolve`).
 
 Storage (:class:`TemplateStore`). Rows live in ``data_dir/templates.sqlite3``
-(one tenant's row per id; two tenants deploying identical content share the
-id and the files, but an explicit id belongs to one tenant). Files live in
+(a row per tenant and id: ids, explicit ones included, name templates within
+their tenant, so two tenants may hold one id, with the same content or not;
+identical content shares its files). Files live in
 ``data_dir/templates/<digest>/`` and are shared by every row with that
 digest; a template's ``digest`` says which content it runs, so caches keyed
 by ``(id, digest)`` notice an in-place update. Rules on :meth:`~TemplateStore.open`:
@@ -73,7 +74,6 @@ from ._template_spec import (
     AgentSpec,
     RuntimeSpec,
     SandboxSpec,
-    _fail,
     load_agent_spec,
     parse_agent_yaml,
     parse_cpu,
@@ -410,16 +410,15 @@ class TemplateStore:
 
     def _record(self, spec: AgentSpec, digest: str, src: Path, tenant: str) -> Template:
         template_id = template_id_for(spec, digest)
-        explicit = spec.sandbox.template_id is not None
         with self._transaction() as db:
-            rows = db.execute(f"SELECT {_COLUMNS} FROM templates WHERE id = ?", (template_id,))
-            existing = [self._template(row) for row in rows.fetchall()]
-            for other in existing:
-                shared = not explicit and other.spec.sandbox.template_id is None
-                if other.tenant != tenant and not (shared and other.digest == digest):
-                    field = "spec.sandbox.template_id" if explicit else "metadata.name"
-                    _fail(field, f"template id {template_id!r} is taken; choose another")
-            mine = next((t for t in existing if t.tenant == tenant), None)
+            # Ids are per tenant: another tenant's template of this id is none of
+            # this one's business (not even whether it exists).
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM templates WHERE id = ? AND tenant = ?",
+                (template_id, tenant),
+            )
+            found = [self._template(row) for row in rows.fetchall()]
+            mine = found[0] if found else None
             files = self._files / digest
             if not files.exists():
                 os.rename(src, files)

@@ -197,37 +197,40 @@ async def _wait_built(server: Server, tenant: str, template_id: str) -> None:
             await anyio.sleep(0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known leak: explicit template ids are global, so uploading one that another "
-    "tenant holds answers 400 'is taken' (templates.py TemplateStore._record)",
-)
 async def test_uploading_another_tenants_explicit_template_id_reveals_nothing(
     tmp_path: Path,
 ) -> None:
+    """Explicit template ids name templates within a tenant: beta's ``shared-id``
+    neither blocks alpha's nor is touched by it, and each tenant runs its own."""
     async with serve(tmp_path) as server:
-        beta = agent_archive("beta-agent", template_id="beta-tpl")
-        reply = await server.call(
-            "beta", "POST", "/v1/templates", beta, content_type="application/gzip"
-        )
-        assert reply.status == 202, reply
-        taken = await server.call(
-            "alpha",
-            "POST",
-            "/v1/templates",
-            agent_archive("alpha-agent", template_id="beta-tpl"),
-            content_type="application/gzip",
-        )
-        fresh = await server.call(
-            "alpha",
-            "POST",
-            "/v1/templates",
-            agent_archive("alpha-agent", template_id="alpha-tpl-2"),
-            content_type="application/gzip",
-        )
+        for tenant in ("beta", "alpha"):
+            archive = agent_archive(f"{tenant}-agent", template_id="shared-id")
+            reply = await server.call(
+                tenant, "POST", "/v1/templates", archive, content_type="application/gzip"
+            )
+            assert reply.status == 202, reply
+            assert json.loads(reply.body)["template_id"] == "shared-id"
+        seen = {}
+        for tenant in ("alpha", "beta"):
+            await _wait_built(server, tenant, "shared-id")
+            reply = await server.call(tenant, "GET", "/v1/templates/shared-id")
+            template = json.loads(reply.body)
+            assert (template["name"], template["phase"]) == (f"{tenant}-agent", "deployed")
+            seen[tenant] = template["digest"]
+            path = "/v1/agents/shared-id/invocations"
+            reply = await server.call(tenant, "POST", path, b'{"n": 1}')
+            assert reply.status == 200, reply
+        assert seen["alpha"] != seen["beta"]
+
+        assert (await server.call("alpha", "DELETE", "/v1/templates/shared-id")).status == 200
+        gone = await server.call("alpha", "GET", "/v1/templates/shared-id")
+        kept = await server.call("beta", "GET", "/v1/templates/shared-id")
+        ran = await server.call("beta", "POST", "/v1/agents/shared-id/invocations", b"{}")
     # Checked once the server has stopped (a failure inside would stop it by force).
-    assert fresh.status == 202, fresh
-    assert taken.status == fresh.status, taken
+    assert gone.status == 404, gone
+    assert kept.status == 200, kept
+    assert json.loads(kept.body)["digest"] == seen["beta"]
+    assert ran.status == 200, ran
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

@@ -635,7 +635,7 @@ async def test_an_interrupted_build_is_failed_on_reopen_and_retried_by_redeploy(
         assert retried.created_at == building.created_at
 
 
-async def test_an_explicit_template_id_is_updated_in_place_and_owned(
+async def test_an_explicit_template_id_is_updated_in_place_within_its_tenant(
     tmp_path: Path, agent_dir: Path
 ) -> None:
     (agent_dir / ".ppio-agent.yaml").write_text(agent_yaml(spec__sandbox={"template_id": "mine"}))
@@ -651,13 +651,18 @@ async def test_an_explicit_template_id_is_updated_in_place_and_owned(
         assert [t.digest for t in await store.list()] == [second.digest]
         assert stored(first.path) == "<dir>"  # old files may still serve sessions until restart
 
-        with pytest.raises(ValidationError) as caught:
-            await store.register_directory(agent_dir, "globex")
-        assert caught.value.message == (
-            "spec.sandbox.template_id: template id 'mine' is taken; choose another"
-        )
+        # Another tenant's 'mine' is its own: a second row, and acme's stays as it was.
+        (agent_dir / "agent.py").write_text("x = 3\n")
+        theirs = await store.register_directory(agent_dir, "globex")
+        assert (theirs.id, theirs.tenant, theirs.phase) == ("mine", "globex", "pending")
+        assert theirs.digest not in (first.digest, second.digest)
+        assert await store.get("mine", "acme") == second
+        assert await store.get("mine", "globex") == theirs
+        await store.delete("mine", "globex")
+        assert await store.get("mine", "acme") == second
     async with TemplateStore(tmp_path / "data"):
         assert stored(first.path) is None
+        assert stored(theirs.path) is None
         assert stored(second.path) == "<dir>"
 
 
