@@ -63,6 +63,14 @@ class Hostile:
             and all(_FIELD_VALUE.fullmatch(value) for value in fields)
         )
 
+    def sends_more_than_declared(self) -> bool:
+        """True when bytes follow the declared body: they read as a second, malformed
+        request on the same connection."""
+        if self.chunked or self.content_length is True:
+            return False
+        declared = 0 if self.content_length is False else self.content_length
+        return declared < len(self.body)
+
     def __repr__(self) -> str:
         body = self.body if len(self.body) <= 200 else self.body[:200] + b"...(%d)" % len(self.body)
         return (

@@ -101,11 +101,18 @@ class Fuzzer:
                 try:
                     return await read_reply(stream, head=request.method == "HEAD")
                 except (EOFError, anyio.BrokenResourceError) as exc:
-                    if not request.wire_valid() or request.half_close:
+                    if (
+                        not request.wire_valid()
+                        or request.half_close
+                        or request.sends_more_than_declared()
+                    ):
                         # hypercorn refuses malformed HTTP before the body is
                         # read, and closes a connection whose request can never
                         # be complete (it declared more than it sent, then
-                        # stopped sending): the reply may be lost or cut short.
+                        # stopped sending), or whose next request is garbage
+                        # (the bytes past the declared length): the reply may be
+                        # lost or cut short (closed with unread bytes, the
+                        # socket resets, and the peer drops what it had not read).
                         return Reply(RESET, [], repr(exc).encode())
                     # A well-formed request and no reply: as bad as a 5xx here.
                     return Reply(599, [], repr(exc).encode())
