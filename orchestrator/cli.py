@@ -160,6 +160,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "(bubblewrap namespaces, own uid, cgroups; each missing wall logged), 'bwrap' refuse "
         "to run without them, 'none' plain processes (default auto)",
     )
+    p.add_argument(
+        "--sandbox-server",
+        choices=["auto", "hypercorn", "uvicorn"],
+        default="auto",
+        help="the HTTP server of the agent runtime in process sandboxes: 'auto' uvicorn when "
+        "it is installed (pip install 'ppio-agent-runtime[fast]'), else hypercorn (default auto)",
+    )
 
 
 _EXAMPLES = """\
@@ -233,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         durability=args.durability,
         checkpoint_interval=args.checkpoint_interval,
         isolation=args.isolation,
+        sandbox_server=args.sandbox_server,
         server=args.server,
         workers=workers,
         worker_index=args.worker_index,

@@ -58,6 +58,9 @@ class OrchestratorConfig:
     isolation: str = "auto"
     """Walls around process sandboxes: ``auto``, ``bwrap`` or ``none`` (an operator's
     choice, never a template's: see :mod:`.sandbox._isolation`)."""
+    sandbox_server: str = "auto"
+    """The HTTP server of the runtime in process sandboxes: ``auto`` (uvicorn when
+    installed), ``hypercorn`` or ``uvicorn`` (:func:`.sandbox._process_spawn.resolve_server`)."""
 
 
 class Orchestrator:

@@ -78,6 +78,8 @@ class ServeOptions:
     checkpoint_interval: float = 1.0
     isolation: str = "auto"
     """Walls around process sandboxes: ``auto``, ``bwrap`` or ``none`` (docs/sandboxing.md)."""
+    sandbox_server: str = "auto"
+    """The runtime's HTTP server in process sandboxes: ``auto``, ``hypercorn`` or ``uvicorn``."""
     server: str = "hypercorn"
     """The HTTP server: ``hypercorn`` (asyncio or trio) or ``uvicorn`` (asyncio only)."""
     workers: int = 1
@@ -190,6 +192,7 @@ async def run(
         durability=Durability(options.durability),
         checkpoint_interval=options.checkpoint_interval,
         isolation=options.isolation,
+        sandbox_server=options.sandbox_server,
     )
     shutdown = shutdown or anyio.Event()
     placement, internal_bind, store = _placement(options, bind)

@@ -123,6 +123,7 @@ class TemplateService:
                 start_timeout=self.config.start_timeout,
                 network=spec.sandbox.network,
                 isolation=self.config.isolation,
+                server=self.config.sandbox_server,
             )
         return InProcessSandboxProvider(
             f"{template.id}_{template.digest[:12]}", Path(template.path), spec.entrypoint

@@ -120,6 +120,7 @@ class ProcessSandbox(Sandbox):
         pids_limit: int | None = _isolation.DEFAULT_PIDS_LIMIT,
         uid_range: tuple[int, int] = _isolation.DEFAULT_UID_RANGE,
         read_only_paths: Sequence[Path] = (),
+        server: str = "auto",
     ) -> None:
         spec = _spawn.ProcessSpec(
             template_dir=Path(template_dir),
@@ -138,6 +139,7 @@ class ProcessSandbox(Sandbox):
             pids_limit=pids_limit,
             uid_range=uid_range,
             read_only_paths=tuple(Path(p) for p in read_only_paths),
+            server=_spawn.resolve_server(server, python),
         )
         self._setup(spec, session_id, env_vars)
 
@@ -336,6 +338,8 @@ class ProcessSandbox(Sandbox):
             assert spec.entrypoint is not None
             argv = [spec.python, "-m", "ppio_sandbox.agent_runtime", spec.entrypoint]
             argv += ["--bind", self._address]
+            if spec.server == "uvicorn":
+                argv += ["--server", "uvicorn"]
         self._client = client
         try:
             self._proc = _spawn.spawn(spec, launch, argv, env)

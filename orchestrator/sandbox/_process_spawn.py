@@ -97,6 +97,7 @@ class ProcessSpec:
     """Template-level settings shared by a provider and all its sandboxes.
 
     The process is ``python -m ppio_sandbox.agent_runtime <entrypoint>``
+    (on ``server``: hypercorn or uvicorn, see :func:`resolve_server`)
     unless ``command`` is given, which then wins (``entrypoint`` is ignored
     and need not exist). ``env`` is the template's environment.
 
@@ -154,6 +155,7 @@ class ProcessSpec:
     pids_limit: int | None = DEFAULT_PIDS_LIMIT
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
     read_only_paths: tuple[Path, ...] = ()
+    server: Literal["hypercorn", "uvicorn"] = "hypercorn"
 
     def __post_init__(self) -> None:
         if self.entrypoint is None and self.command is None:
@@ -178,6 +180,8 @@ class ProcessSpec:
             raise ValueError("start_timeout must be > 0 and close_grace >= 0")
         if self.bind not in ("unix", "tcp"):
             raise ValueError(f"bind must be 'unix' or 'tcp', not {self.bind!r}")
+        if self.server not in ("hypercorn", "uvicorn"):
+            raise ValueError(f"server must be 'hypercorn' or 'uvicorn', not {self.server!r}")
         if self.isolation not in LEVELS:
             raise ValueError(
                 f"isolation must be one of {', '.join(LEVELS)}, not {self.isolation!r}"
@@ -191,6 +195,31 @@ class ProcessSpec:
             if not path.is_absolute():
                 raise ValueError(f"read_only_paths must be absolute: {path}")
         check_env(self.env, "env")
+
+
+def resolve_server(choice: str, python: str = sys.executable) -> Literal["hypercorn", "uvicorn"]:
+    """The HTTP server the runtime in a sandbox runs on.
+
+    ``"auto"``: uvicorn (with httptools) when this interpreter, which the
+    sandbox runs too, has them: the orchestrator is a sandbox's only client,
+    and uvicorn answers it for about a third of hypercorn's CPU per request
+    (benchmarks/RESULTS.md, orchestrator-process). Else hypercorn, the
+    runtime's default. A sandbox on another interpreter gets hypercorn.
+    """
+    if choice in ("hypercorn", "uvicorn"):
+        return "hypercorn" if choice == "hypercorn" else "uvicorn"
+    if choice != "auto":
+        raise ValueError(f"sandbox server must be auto, hypercorn or uvicorn, not {choice!r}")
+    if python != sys.executable:
+        return "hypercorn"
+    return "uvicorn" if _has_uvicorn() else "hypercorn"
+
+
+@functools.lru_cache(maxsize=1)
+def _has_uvicorn() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("uvicorn", "httptools"))
 
 
 def check_env(env: Mapping[str, str], what: str) -> None:

@@ -71,7 +71,7 @@ from ppio_sandbox.agent_runtime.errors import SandboxCrashedError, ServiceUnavai
 
 from . import _isolation
 from ._process_sandbox import ProcessSandbox
-from ._process_spawn import ProcessSpec
+from ._process_spawn import ProcessSpec, resolve_server
 from .base import Sandbox, SandboxProvider
 
 __all__ = ["ProcessSandbox", "ProcessSandboxProvider", "ProcessSpec"]
@@ -125,6 +125,7 @@ class ProcessSandboxProvider(SandboxProvider):
         pids_limit: int | None = _isolation.DEFAULT_PIDS_LIMIT,
         uid_range: tuple[int, int] = _isolation.DEFAULT_UID_RANGE,
         read_only_paths: Sequence[Path] = (),
+        server: str = "auto",
     ) -> None:
         if warm_pool < 0:
             raise ValueError("warm_pool must be >= 0")
@@ -145,6 +146,7 @@ class ProcessSandboxProvider(SandboxProvider):
             pids_limit=pids_limit,
             uid_range=uid_range,
             read_only_paths=tuple(Path(p) for p in read_only_paths),
+            server=resolve_server(server, python),
         )
         self.warm_pool = warm_pool
         self.plan: _isolation.Plan | None = None
@@ -170,6 +172,7 @@ class ProcessSandboxProvider(SandboxProvider):
             "pids": [sandbox.pid for sandbox in self._pool],
             "last_error": self.last_error,
             "isolation": self.plan.describe() if self.plan is not None else None,
+            "server": None if self.spec.command is not None else self.spec.server,
         }
 
     async def __aenter__(self) -> ProcessSandboxProvider:

@@ -16,11 +16,15 @@ import httpx
 import pytest
 
 from ppio_sandbox.agent_runtime.errors import InvocationError, SandboxCrashedError
+from ppio_sandbox.orchestrator.sandbox._process_spawn import resolve_server
 from ppio_sandbox.orchestrator.sandbox.base import TurnCall
 from ppio_sandbox.orchestrator.sandbox.process import ProcessSandbox, ProcessSandboxProvider
 
 AGENTS = Path(__file__).parent / "agents"
 MiB = 1024 * 1024
+# The runtime's server in the sandbox (``auto`` picks uvicorn when installed, as
+# here): the tests where the server's part shows run on both.
+SERVERS = pytest.mark.parametrize("server", ["hypercorn", "uvicorn"])
 
 
 @pytest.fixture
@@ -80,8 +84,9 @@ async def test_invoke_returns_the_result_and_passes_ids_and_headers(work_root: P
 
 
 @pytest.mark.anyio
-async def test_streamed_chunks_arrive_live_and_in_order(work_root: Path) -> None:
-    async with started(work_root) as sandbox:
+@SERVERS
+async def test_streamed_chunks_arrive_live_and_in_order(work_root: Path, server: str) -> None:
+    async with started(work_root, server=server) as sandbox:
         begun = time.monotonic()
         stream = await sandbox.invoke(call({"op": "stream", "count": 5, "delay": 0.1}))
         arrivals: list[tuple[float, str]] = []
@@ -163,8 +168,11 @@ def test_reserved_and_malformed_env_vars_are_rejected(work_root: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_close_stops_the_process_reaps_it_and_removes_the_workdir(work_root: Path) -> None:
-    sandbox = ProcessSandbox(AGENTS, "ops_agent.py", work_root=work_root)
+@SERVERS
+async def test_close_stops_the_process_reaps_it_and_removes_the_workdir(
+    work_root: Path, server: str
+) -> None:
+    sandbox = ProcessSandbox(AGENTS, "ops_agent.py", work_root=work_root, server=server)
     await sandbox.start()
     pid, workdir = sandbox.pid, sandbox.workdir
     assert pid is not None
@@ -215,8 +223,11 @@ async def test_kill_9_mid_turn_fails_the_turn_within_a_second(work_root: Path) -
 
 
 @pytest.mark.anyio
-async def test_kill_9_mid_stream_fails_the_stream_within_a_second(work_root: Path) -> None:
-    async with started(work_root) as sandbox:
+@SERVERS
+async def test_kill_9_mid_stream_fails_the_stream_within_a_second(
+    work_root: Path, server: str
+) -> None:
+    async with started(work_root, server=server) as sandbox:
         assert sandbox.pid is not None
         stream = await sandbox.invoke(call({"op": "ticks", "interval": 0.01}))
         await stream.__anext__()
@@ -242,8 +253,9 @@ async def test_cancelling_a_turn_leaves_the_sandbox_usable(work_root: Path) -> N
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.anyio
-async def test_cancelling_a_turn_cancels_it_in_the_agent(work_root: Path) -> None:
-    async with started(work_root, close_grace=0.2) as sandbox:
+@SERVERS
+async def test_cancelling_a_turn_cancels_it_in_the_agent(work_root: Path, server: str) -> None:
+    async with started(work_root, close_grace=0.2, server=server) as sandbox:
         with anyio.move_on_after(0.3):
             await sandbox.invoke(call({"op": "sleep", "seconds": 30}))
 
@@ -254,8 +266,9 @@ async def test_cancelling_a_turn_cancels_it_in_the_agent(work_root: Path) -> Non
 
 
 @pytest.mark.anyio
-async def test_closing_a_stream_cancels_the_agents_generator(work_root: Path) -> None:
-    async with started(work_root) as sandbox:
+@SERVERS
+async def test_closing_a_stream_cancels_the_agents_generator(work_root: Path, server: str) -> None:
+    async with started(work_root, server=server) as sandbox:
         stream = await sandbox.invoke(call({"op": "ticks"}))
         await stream.__anext__()
         await stream.__anext__()
@@ -315,8 +328,11 @@ async def test_close_works_on_a_paused_sandbox(work_root: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_start_failure_reports_the_traceback_at_once(work_root: Path) -> None:
-    sandbox = ProcessSandbox(AGENTS, "broken_agent.py", work_root=work_root, start_timeout=20)
+@SERVERS
+async def test_start_failure_reports_the_traceback_at_once(work_root: Path, server: str) -> None:
+    sandbox = ProcessSandbox(
+        AGENTS, "broken_agent.py", work_root=work_root, start_timeout=20, server=server
+    )
     begun = time.monotonic()
     with pytest.raises(SandboxCrashedError) as info:
         await sandbox.start()
@@ -423,6 +439,34 @@ async def test_warm_pool_hands_out_started_processes_and_refills(work_root: Path
     assert provider.pooled == []
     for pid in pids:
         assert_gone(pid)
+
+
+def test_the_sandbox_server_is_uvicorn_when_installed_else_hypercorn() -> None:
+    assert resolve_server("auto") == "uvicorn"  # uvicorn and httptools: dev dependencies
+    assert resolve_server("auto", python="/opt/other/python3") == "hypercorn"
+    assert resolve_server("hypercorn") == "hypercorn"
+    assert resolve_server("uvicorn", python="/opt/other/python3") == "uvicorn"
+    with pytest.raises(ValueError, match="auto, hypercorn or uvicorn"):
+        resolve_server("granian")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+@SERVERS
+async def test_a_providers_sandboxes_run_on_the_chosen_server(work_root: Path, server: str) -> None:
+    async with ProcessSandboxProvider(
+        AGENTS, "ops_agent.py", work_root=work_root, server=server
+    ) as provider:
+        assert provider.describe()["server"] == server
+        sandbox = await provider.create("s1")
+        try:
+            assert sandbox.pid is not None
+            argv = Path(f"/proc/{sandbox.pid}/cmdline").read_bytes().split(b"\0")
+            assert (b"--server" in argv) is (server == "uvicorn"), argv
+            answer = await sandbox.invoke(call({"op": "echo"}))
+            assert answer["session_id"] == "s1"
+        finally:
+            await sandbox.close()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
