@@ -22,6 +22,7 @@ from . import ROOT, procs
 
 __all__ = [
     "AGENT_PROCESS",
+    "AGENT_PROCESS_UVICORN",
     "BASELINE",
     "BASELINE_SSE",
     "BASELINE_UNAVAILABLE",
@@ -30,6 +31,7 @@ __all__ = [
     "HELLO_TEMPLATE",
     "ORCHESTRATOR",
     "ORCHESTRATOR_PROCESS",
+    "ORCHESTRATOR_PROCESS_HYPERCORN",
     "ORCHESTRATOR_UVICORN",
     "RUNTIME",
     "RUNTIME_STREAM",
@@ -216,8 +218,24 @@ AGENT_PROCESS = ServerSpec(
     ready_path="/ping",
     unix=True,
 )
-"""The process template's agent served directly on a Unix socket, started the
-way a process sandbox starts it (runtime CLI, default loop)."""
+"""The process template's agent served directly on a Unix socket by the runtime
+CLI on its default server (hypercorn), as ``app.run()`` serves an agent."""
+
+AGENT_PROCESS_UVICORN = ServerSpec(
+    name="agent-direct-uvicorn",
+    argv=(*AGENT_PROCESS.argv, "--server", "uvicorn"),
+    ready_path="/ping",
+    unix=True,
+)
+"""The same agent on uvicorn, as a process sandbox runs it when uvicorn is installed
+(``serve --sandbox-server auto``)."""
+
+ORCHESTRATOR_PROCESS_HYPERCORN = ServerSpec(
+    name="orchestrator-sandbox-hypercorn",
+    argv=(*ORCHESTRATOR_PROCESS.argv, "--sandbox-server", "hypercorn"),
+    ready_path="/ping",
+)
+"""The orchestrator with its process sandboxes' runtime on hypercorn."""
 
 
 @dataclass(frozen=True)

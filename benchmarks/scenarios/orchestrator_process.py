@@ -5,8 +5,13 @@ The orchestrator serving the process hello template
 on ``POST /v1/agents/bench-hello-process/invocations`` with one session per
 connection, against the load generator calling the same agent directly:
 one ``python -m ppio_sandbox.agent_runtime agent.py --bind unix:...``
-process, started as a sandbox starts it, on its Unix socket. Before
-measuring, one request per connection's session id starts its sandbox.
+process on its Unix socket (``agent-direct``: the runtime's default server,
+hypercorn, the baseline; ``agent-direct-uvicorn``: on uvicorn, which is
+what the sandboxes run when uvicorn is installed, ``serve
+--sandbox-server auto``). ``orchestrator-sandbox-hypercorn`` is the
+orchestrator with its sandboxes on hypercorn (``--sandbox-server
+hypercorn``). Before measuring, one request per connection's session id
+starts its sandbox.
 The orchestrator and its sandboxes share the server CPU (sandboxes inherit
 its affinity); CPU % counts the orchestrator with its sandboxes.
 Reported as a ratio, not judged; plots of req/s and p50/p99 against
@@ -15,14 +20,19 @@ concurrency.
 Each connection is a session, and each session is a process: the sweep
 stops at 64 concurrent connections (1, 4, 16 and 64; 1 and 4 with
 ``--quick``), where 64 agent processes share one CPU (starting them one by
-one takes ~15 s) and the direct agent is long saturated. Both servers run
+one takes ~15 s) and the direct agent is long saturated. All servers run
 for a whole repetition; sessions started at one level are kept for the next.
 """
 
 from __future__ import annotations
 
 from ..core import Progress, RunConfig, ScenarioResult, concurrency_series, summarize
-from ..servers import AGENT_PROCESS, ORCHESTRATOR_PROCESS
+from ..servers import (
+    AGENT_PROCESS,
+    AGENT_PROCESS_UVICORN,
+    ORCHESTRATOR_PROCESS,
+    ORCHESTRATOR_PROCESS_HYPERCORN,
+)
 from . import register
 from ._loadtest import Subject, SweepScenario, loadgen_note, noise_note
 
@@ -44,9 +54,16 @@ class OrchestratorProcess(SweepScenario):
     )
     subjects = (
         Subject("agent-direct", AGENT_PROCESS, "/invocations"),
+        Subject("agent-direct-uvicorn", AGENT_PROCESS_UVICORN, "/invocations"),
         Subject(
             "orchestrator",
             ORCHESTRATOR_PROCESS,
+            f"/v1/agents/{TEMPLATE}/invocations",
+            prime=True,
+        ),
+        Subject(
+            "orchestrator-sandbox-hypercorn",
+            ORCHESTRATOR_PROCESS_HYPERCORN,
             f"/v1/agents/{TEMPLATE}/invocations",
             prime=True,
         ),
@@ -62,8 +79,13 @@ class OrchestratorProcess(SweepScenario):
         notes = [
             "N connections = N sessions = N agent processes behind the orchestrator "
             f"(N = {', '.join(map(str, levels))}), 1 agent process when direct; the backend "
-            "is the orchestrator's worker (agents run the runtime's default loop); the "
-            "orchestrator's step includes starting the new level's sandboxes (priming)",
+            "is the orchestrator's worker; the orchestrator's step includes starting the "
+            "new level's sandboxes (priming)",
+            "the agent's server: agent-direct runs the runtime's default (hypercorn, as "
+            "app.run() does), agent-direct-uvicorn uvicorn; the orchestrator's sandboxes run "
+            "uvicorn (serve --sandbox-server auto, uvicorn installed), "
+            "orchestrator-sandbox-hypercorn's run hypercorn (--sandbox-server hypercorn); "
+            "every ratio is to agent-direct",
             f"pinning: {pinning.to_json()}",
             loadgen_note(samples),
         ]
