@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         "--backend", choices=["asyncio", "trio"], help="event loop backend (default asyncio)"
     )
     parser.add_argument(
-        "--server", choices=["hypercorn", "uvicorn"], help="HTTP server (default hypercorn)"
+        "--server",
+        choices=["hypercorn", "uvicorn", "auto"],
+        help="HTTP server (default hypercorn); 'auto': uvicorn when it is installed and the "
+        "app runs on asyncio, else hypercorn",
     )
     parser.add_argument(
         "--timeout", type=float, help="per-invocation timeout in seconds (default 300; 0: none)"
@@ -45,10 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ImportError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    server = args.server
+    if server == "auto":
+        server = pick_server(args.backend or app.config.backend)
     options = {
         k: v
         for k, v in {
-            "server": args.server,
+            "server": server,
             "timeout": args.timeout,
             "log_level": args.log_level,
         }.items()
@@ -56,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     app.run(port=args.port, host=args.host, bind=args.bind, backend=args.backend, **options)
     return 0
+
+
+def pick_server(backend: str) -> str:
+    """``--server auto``: uvicorn (with httptools) when installed and on asyncio, else hypercorn."""
+    import importlib.util
+
+    if backend != "asyncio":
+        return "hypercorn"
+    found = all(importlib.util.find_spec(name) is not None for name in ("uvicorn", "httptools"))
+    return "uvicorn" if found else "hypercorn"
 
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         choices=["auto", "hypercorn", "uvicorn"],
         default="auto",
         help="the HTTP server of the agent runtime in process sandboxes: 'auto' uvicorn when "
-        "it is installed (pip install 'ppio-agent-runtime[fast]'), else hypercorn (default auto)",
+        "it is installed (pip install 'ppio-agent-runtime[fast]') and the agent runs on "
+        "asyncio, else hypercorn (default auto)",
     )
 
 

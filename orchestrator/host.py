@@ -60,7 +60,8 @@ class OrchestratorConfig:
     choice, never a template's: see :mod:`.sandbox._isolation`)."""
     sandbox_server: str = "auto"
     """The HTTP server of the runtime in process sandboxes: ``auto`` (uvicorn when
-    installed), ``hypercorn`` or ``uvicorn`` (:func:`.sandbox._process_spawn.resolve_server`)."""
+    installed and the agent runs on asyncio), ``hypercorn`` or ``uvicorn``
+    (:func:`.sandbox._process_spawn.resolve_server`)."""
 
 
 class Orchestrator:

@@ -338,8 +338,8 @@ class ProcessSandbox(Sandbox):
             assert spec.entrypoint is not None
             argv = [spec.python, "-m", "ppio_sandbox.agent_runtime", spec.entrypoint]
             argv += ["--bind", self._address]
-            if spec.server == "uvicorn":
-                argv += ["--server", "uvicorn"]
+            if spec.server != "hypercorn":  # the runtime's default
+                argv += ["--server", spec.server]
         self._client = client
         try:
             self._proc = _spawn.spawn(spec, launch, argv, env)

@@ -97,7 +97,7 @@ class ProcessSpec:
     """Template-level settings shared by a provider and all its sandboxes.
 
     The process is ``python -m ppio_sandbox.agent_runtime <entrypoint>``
-    (on ``server``: hypercorn or uvicorn, see :func:`resolve_server`)
+    (``--server`` hypercorn, uvicorn or auto: see :func:`resolve_server`)
     unless ``command`` is given, which then wins (``entrypoint`` is ignored
     and need not exist). ``env`` is the template's environment.
 
@@ -155,7 +155,7 @@ class ProcessSpec:
     pids_limit: int | None = DEFAULT_PIDS_LIMIT
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
     read_only_paths: tuple[Path, ...] = ()
-    server: Literal["hypercorn", "uvicorn"] = "hypercorn"
+    server: Literal["hypercorn", "uvicorn", "auto"] = "hypercorn"
 
     def __post_init__(self) -> None:
         if self.entrypoint is None and self.command is None:
@@ -180,8 +180,10 @@ class ProcessSpec:
             raise ValueError("start_timeout must be > 0 and close_grace >= 0")
         if self.bind not in ("unix", "tcp"):
             raise ValueError(f"bind must be 'unix' or 'tcp', not {self.bind!r}")
-        if self.server not in ("hypercorn", "uvicorn"):
-            raise ValueError(f"server must be 'hypercorn' or 'uvicorn', not {self.server!r}")
+        if self.server not in ("hypercorn", "uvicorn", "auto"):
+            raise ValueError(
+                f"server must be 'hypercorn', 'uvicorn' or 'auto', not {self.server!r}"
+            )
         if self.isolation not in LEVELS:
             raise ValueError(
                 f"isolation must be one of {', '.join(LEVELS)}, not {self.isolation!r}"
@@ -197,22 +199,28 @@ class ProcessSpec:
         check_env(self.env, "env")
 
 
-def resolve_server(choice: str, python: str = sys.executable) -> Literal["hypercorn", "uvicorn"]:
-    """The HTTP server the runtime in a sandbox runs on.
+def resolve_server(
+    choice: str, python: str = sys.executable
+) -> Literal["hypercorn", "uvicorn", "auto"]:
+    """The ``--server`` the runtime in a sandbox is started with.
 
-    ``"auto"``: uvicorn (with httptools) when this interpreter, which the
-    sandbox runs too, has them: the orchestrator is a sandbox's only client,
-    and uvicorn answers it for about a third of hypercorn's CPU per request
-    (benchmarks/RESULTS.md, orchestrator-process). Else hypercorn, the
-    runtime's default. A sandbox on another interpreter gets hypercorn.
+    ``"auto"`` stays ``"auto"`` when this interpreter, which the sandbox runs
+    too, has uvicorn and httptools: the runtime then picks uvicorn unless the
+    agent's app runs on trio (``python -m ppio_sandbox.agent_runtime --server
+    auto``). The orchestrator is a sandbox's only client, and uvicorn answers
+    it for about a third of hypercorn's CPU per request (benchmarks/RESULTS.md,
+    orchestrator-process). Without them, or for a sandbox on another
+    interpreter, it is hypercorn, the runtime's default.
     """
-    if choice in ("hypercorn", "uvicorn"):
-        return "hypercorn" if choice == "hypercorn" else "uvicorn"
+    if choice == "hypercorn":
+        return "hypercorn"
+    if choice == "uvicorn":
+        return "uvicorn"
     if choice != "auto":
         raise ValueError(f"sandbox server must be auto, hypercorn or uvicorn, not {choice!r}")
-    if python != sys.executable:
+    if python != sys.executable or not _has_uvicorn():
         return "hypercorn"
-    return "uvicorn" if _has_uvicorn() else "hypercorn"
+    return "auto"
 
 
 @functools.lru_cache(maxsize=1)

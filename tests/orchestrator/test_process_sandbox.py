@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ import anyio
 import httpx
 import pytest
 
+from ppio_sandbox.agent_runtime.__main__ import pick_server
 from ppio_sandbox.agent_runtime.errors import InvocationError, SandboxCrashedError
 from ppio_sandbox.orchestrator.sandbox._process_spawn import resolve_server
 from ppio_sandbox.orchestrator.sandbox.base import TurnCall
@@ -441,30 +443,64 @@ async def test_warm_pool_hands_out_started_processes_and_refills(work_root: Path
         assert_gone(pid)
 
 
-def test_the_sandbox_server_is_uvicorn_when_installed_else_hypercorn() -> None:
-    assert resolve_server("auto") == "uvicorn"  # uvicorn and httptools: dev dependencies
+def test_the_sandbox_server_is_auto_when_uvicorn_is_installed_else_hypercorn() -> None:
+    assert resolve_server("auto") == "auto"  # uvicorn and httptools: dev dependencies
     assert resolve_server("auto", python="/opt/other/python3") == "hypercorn"
     assert resolve_server("hypercorn") == "hypercorn"
     assert resolve_server("uvicorn", python="/opt/other/python3") == "uvicorn"
     with pytest.raises(ValueError, match="auto, hypercorn or uvicorn"):
         resolve_server("granian")
+    assert pick_server("asyncio") == "uvicorn"
+    assert pick_server("trio") == "hypercorn"
+
+
+TRIO_AGENT = """\
+from ppio_sandbox.agent_runtime import AgentConfig, PPIOAgentRuntimeApp
+
+app = PPIOAgentRuntimeApp(config=AgentConfig(backend="trio"))
+
+
+@app.entrypoint
+async def agent(request, context):
+    import sniffio
+
+    return {"library": sniffio.current_async_library()}
+"""
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.anyio
-@SERVERS
-async def test_a_providers_sandboxes_run_on_the_chosen_server(work_root: Path, server: str) -> None:
+@pytest.mark.parametrize(
+    ("server", "agent", "expected"),
+    [
+        ("hypercorn", "ops_agent.py", "hypercorn"),
+        ("uvicorn", "ops_agent.py", "uvicorn"),
+        ("auto", "ops_agent.py", "uvicorn"),
+        ("auto", "trio_agent.py", "hypercorn"),  # uvicorn cannot run a trio app
+    ],
+)
+async def test_a_providers_sandboxes_run_on_the_chosen_server(
+    tmp_path: Path, work_root: Path, server: str, agent: str, expected: str
+) -> None:
+    template = tmp_path / "template"
+    shutil.copytree(AGENTS, template)
+    (template / "trio_agent.py").write_text(TRIO_AGENT)
     async with ProcessSandboxProvider(
-        AGENTS, "ops_agent.py", work_root=work_root, server=server
+        template, agent, work_root=work_root, server=server
     ) as provider:
         assert provider.describe()["server"] == server
         sandbox = await provider.create("s1")
         try:
-            assert sandbox.pid is not None
-            argv = Path(f"/proc/{sandbox.pid}/cmdline").read_bytes().split(b"\0")
-            assert (b"--server" in argv) is (server == "uvicorn"), argv
+            client = sandbox._client
+            assert client is not None
+            reply = await client.send("GET", "/ping")
+            await reply.read()
+            assert reply.header(b"server").decode().startswith(expected), reply.headers
             answer = await sandbox.invoke(call({"op": "echo"}))
-            assert answer["session_id"] == "s1"
+            if agent == "trio_agent.py":
+                assert answer == {"library": "trio"}
+            else:
+                assert answer["session_id"] == "s1"
         finally:
             await sandbox.close()
 
