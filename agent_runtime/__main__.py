@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     server = args.server
     if server == "auto":
+        from .server import pick_server
+
         server = pick_server(args.backend or app.config.backend)
     options = {
         k: v
@@ -62,16 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     app.run(port=args.port, host=args.host, bind=args.bind, backend=args.backend, **options)
     return 0
-
-
-def pick_server(backend: str) -> str:
-    """``--server auto``: uvicorn (with httptools) when installed and on asyncio, else hypercorn."""
-    import importlib.util
-
-    if backend != "asyncio":
-        return "hypercorn"
-    found = all(importlib.util.find_spec(name) is not None for name in ("uvicorn", "httptools"))
-    return "uvicorn" if found else "hypercorn"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ signal stops at once.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import signal
@@ -166,6 +167,15 @@ async def _drain_on_signals(
                     _hard_exit()
                 forced.set()
                 scope.cancel()
+
+
+def pick_server(backend: str) -> str:
+    """The faster server ``backend`` can have: uvicorn (with httptools) when installed
+    and on asyncio, else hypercorn (the CLI's ``--server auto``)."""
+    if backend != "asyncio":
+        return "hypercorn"
+    found = all(importlib.util.find_spec(name) is not None for name in ("uvicorn", "httptools"))
+    return "uvicorn" if found else "hypercorn"
 
 
 def serve_forever(app: PPIOAgentRuntimeApp) -> None:

@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from ppio_sandbox.agent_runtime.server import pick_server
+
 from . import _isolation
 from ._isolation import DEFAULT_PIDS_LIMIT, DEFAULT_UID_RANGE, LEVELS, Level
 
@@ -218,16 +220,9 @@ def resolve_server(
         return "uvicorn"
     if choice != "auto":
         raise ValueError(f"sandbox server must be auto, hypercorn or uvicorn, not {choice!r}")
-    if python != sys.executable or not _has_uvicorn():
+    if python != sys.executable or pick_server("asyncio") != "uvicorn":
         return "hypercorn"
     return "auto"
-
-
-@functools.lru_cache(maxsize=1)
-def _has_uvicorn() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(name) is not None for name in ("uvicorn", "httptools"))
 
 
 def check_env(env: Mapping[str, str], what: str) -> None:

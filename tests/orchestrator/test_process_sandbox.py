@@ -16,8 +16,8 @@ import anyio
 import httpx
 import pytest
 
-from ppio_sandbox.agent_runtime.__main__ import pick_server
 from ppio_sandbox.agent_runtime.errors import InvocationError, SandboxCrashedError
+from ppio_sandbox.agent_runtime.server import pick_server
 from ppio_sandbox.orchestrator.sandbox._process_spawn import resolve_server
 from ppio_sandbox.orchestrator.sandbox.base import TurnCall
 from ppio_sandbox.orchestrator.sandbox.process import ProcessSandbox, ProcessSandboxProvider
