@@ -169,6 +169,7 @@ async def _drain_on_signals(
                 scope.cancel()
 
 
+@functools.lru_cache(maxsize=2)
 def pick_server(backend: str) -> str:
     """The faster server ``backend`` can have: uvicorn (with httptools) when installed
     and on asyncio, else hypercorn (the CLI's ``--server auto``)."""
