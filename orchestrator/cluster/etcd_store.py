@@ -23,11 +23,9 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ppio_sandbox.agent_runtime.errors import ServiceUnavailableError
-
 from ..state_store import Checkpoint, SessionRecord, StateStore, decode_record
 from ._etcd import Compare, EtcdClient, EtcdError, Op
-from .membership import session_key
+from .membership import coordinator_unavailable, session_key
 
 __all__ = ["MAX_RECORD_BYTES", "EtcdStateStore"]
 
@@ -58,10 +56,7 @@ def _unavailable(what: str, retry_after: float) -> Iterator[None]:
     try:
         yield
     except EtcdError as exc:
-        raise ServiceUnavailableError(
-            f"{what}: the cluster's coordinator (etcd) did not answer ({exc})",
-            retry_after=retry_after,
-        ) from None
+        raise coordinator_unavailable(what, exc, retry_after) from None
 
 
 class EtcdStateStore(StateStore):

@@ -109,6 +109,14 @@ class _Claim:
             self.done.set()
 
 
+def coordinator_unavailable(what: str, why: object, retry_after: float) -> ServiceUnavailableError:
+    """etcd failing is a retryable 503 for the request that needed it, never a 500."""
+    return ServiceUnavailableError(
+        f"{what}: the cluster's coordinator (etcd) did not answer ({why})",
+        retry_after=retry_after,
+    )
+
+
 def _b36(number: int) -> str:
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     out = ""
@@ -349,11 +357,7 @@ class ClusterPlacement(Placement):
         with anyio.move_on_after(self._claim_wait):
             await pending.done.wait()
         if not pending.done.is_set():
-            raise ServiceUnavailableError(
-                f"session {session_id} cannot be placed: the cluster's coordinator (etcd) "
-                f"did not answer within {self._claim_wait:g} s",
-                retry_after=self.retry_after,
-            )
+            raise self._not_placed(pending, f"waited {self._claim_wait:g} s")
         if pending.error is not None:
             raise pending.error
         assert pending.owner is not None
@@ -384,11 +388,9 @@ class ClusterPlacement(Placement):
                 self._claiming.pop((pending.tenant, pending.session_id), None)
             self._queued.clear()
 
-    def _not_placed(self, pending: _Claim, why: str) -> ServiceUnavailableError:
-        return ServiceUnavailableError(
-            f"session {pending.session_id} cannot be placed: the cluster's coordinator "
-            f"(etcd) did not answer ({why})",
-            retry_after=self.retry_after,
+    def _not_placed(self, pending: _Claim, why: object) -> ServiceUnavailableError:
+        return coordinator_unavailable(
+            f"session {pending.session_id} cannot be placed", why, self.retry_after
         )
 
     async def _settle(self, group: list[_Claim]) -> None:
@@ -419,7 +421,7 @@ class ClusterPlacement(Placement):
             result = await self.client.txn(compares, success, failure)
         except EtcdError as exc:
             for pending in group:
-                pending.fail(self._not_placed(pending, str(exc)))
+                pending.fail(self._not_placed(pending, exc))
             return
         if result.succeeded:
             for i, pending in enumerate(group):
